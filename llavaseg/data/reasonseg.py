@@ -377,7 +377,10 @@ def write_reasonseg_sample(
     pil = pil.convert("RGB")
     width, height = pil.size
 
-    norm_shapes = [_normalise_shape(s, f"sample {name!r}: shapes[{i}]") for i, s in enumerate(shapes)]
+    try:
+        norm_shapes = [_normalise_shape(s, f"sample {name!r}: shapes[{i}]") for i, s in enumerate(shapes)]
+    except DatasetFormatError as exc:
+        raise InputError(str(exc)) from None
     image_path = split_dir / f"{name}{suffix}"
     json_path = split_dir / f"{name}.json"
     payload = {
