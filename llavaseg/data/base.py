@@ -32,10 +32,19 @@ class SegQuery(Protocol):
 
     ``query_id`` is unique within its dataset and stable across runs (it names results files).
     ``is_sentence`` is ReasonSeg's long-query flag; loaders without the notion report ``False``.
+    ``sample_id`` names the image-level sample the query belongs to and ``text_index`` is the query's
+    position among that sample's texts; both only label results
+    (:class:`llavaseg.evaluate.QueryRecord` ``sample`` / ``text_index``) and never change a metric.
     """
 
     @property
     def query_id(self) -> str: ...
+
+    @property
+    def sample_id(self) -> str: ...
+
+    @property
+    def text_index(self) -> int: ...
 
     @property
     def text(self) -> str: ...

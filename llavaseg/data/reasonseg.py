@@ -217,6 +217,10 @@ class ReasonSegQuery(BaseModel):
     def is_sentence(self) -> bool:
         return self.sample.is_sentence
 
+    @property
+    def sample_id(self) -> str:
+        return f"{self.sample.split}/{self.sample.name}"
+
     def load_image(self) -> np.ndarray:
         return self.sample.load_image()
 
