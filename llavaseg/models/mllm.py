@@ -1,0 +1,295 @@
+"""A frozen multimodal LLM behind one small interface: multi-turn chat about an image.
+
+Wraps any transformers image-text-to-text model that has a processor with a chat template (LLaVA-1.5,
+LLaVA-NeXT, and the small ``tiny``/``tiny-world`` models built from the same classes). The wrapper freezes every
+parameter and keeps the model in ``eval()`` mode: the LLaVASeg route never changes the MLLM, so its ordinary
+chat answers stay exactly those of the base model.
+
+Conversations are continued at the token level: turn *k+1* is the token ids of turn *k* (prompt and generated
+answer) followed by the template's text between an answer and the next user turn. That makes the second
+chain-of-thought stage an exact continuation of the first, so it can reuse the first stage's key/value cache
+instead of re-encoding the image and prompt (``reuse_cache``), with identical results.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from llavaseg.errors import CheckpointMismatchError, UnsupportedError
+
+Quantization = Literal["4bit", "8bit"] | None
+
+_SENTINEL = "\u2063LLAVASEG_ANSWER\u2063"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``"auto"``/None picks float32 on CPU (bf16 matmuls are slow there) and bfloat16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)} or 'auto'")
+    return table[dtype]
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients for every parameter and switch to eval mode (dropout off)."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module.eval()
+
+
+def _bitsandbytes_config(quantization: Quantization, compute_dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as exc:  # ImportError, or a broken native library
+        raise UnsupportedError(f"{quantization} loading needs bitsandbytes, which failed to import ({exc})") from None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class Turn(BaseModel):
+    """One exchange of a conversation: the user's text and the model's answer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Conversation:
+    """State of a batch of conversations between turns: token ids so far, image inputs, optional KV cache."""
+
+    first_prompts: list[str]
+    rows: list[list[int]]
+    pixel_values: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    reuse_cache: bool
+    cache: Any = None
+
+
+class FrozenMLLM:
+    """A frozen image-text-to-text model plus its processor; answers multi-turn questions about one image."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, name: str = "custom",
+                 max_new_tokens: int = 48) -> None:
+        self.model = freeze(model)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"  # decoder-only batching: pad on the left, generate on the right
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+                        quantization: Quantization = None, max_new_tokens: int = 48,
+                        local_files_only: bool = False) -> FrozenMLLM:
+        """Load an HF id (``llava-hf/llava-1.5-7b-hf``) or a local ``save_pretrained`` directory, frozen.
+
+        ``quantization="4bit"|"8bit"`` loads through bitsandbytes (works on CPU and CUDA with recent
+        bitsandbytes; a clear :class:`UnsupportedError` otherwise).
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        torch_dtype = resolve_dtype(dtype, device)
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local_files_only}
+        if quantization is not None:
+            if quantization not in ("4bit", "8bit"):
+                raise ValueError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+            kwargs["quantization_config"] = _bitsandbytes_config(quantization, torch_dtype)
+            kwargs["device_map"] = {"": device}
+        path = Path(name_or_path)
+        if path.exists() and not (path / "config.json").is_file():
+            raise CheckpointMismatchError(f"{path} is not a transformers model directory (no config.json)")
+        try:
+            processor = AutoProcessor.from_pretrained(str(name_or_path), local_files_only=local_files_only)
+            model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), **kwargs)
+        except (OSError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedError(f"cannot load MLLM {name_or_path!s}: {first_line}") from None
+        if quantization is None:
+            model = model.to(device)
+        if getattr(processor, "chat_template", None) is None:
+            raise UnsupportedError(f"MLLM {name_or_path!s} has no chat template; it cannot be prompted in turns")
+        return cls(model, processor, name=str(name_or_path), max_new_tokens=max_new_tokens)
+
+    # ---------------------------------------------------------------------------------------------- identity
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identity(self) -> dict[str, str]:
+        """What determines this model's outputs: used in cache keys and recorded with trained adapters."""
+        config = self.model.config.to_dict()
+        blob = json.dumps(config, sort_keys=True, default=str).encode()
+        weights = hashlib.blake2b(digest_size=8)
+        for _, tensor in sorted(self.model.state_dict().items())[:4]:
+            weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+        return {"name": self.name, "config": hashlib.blake2b(blob, digest_size=8).hexdigest(),
+                "weights": weights.hexdigest()}
+
+    # --------------------------------------------------------------------------------------------- prompting
+    def render_chat(self, turns: list[Turn], next_prompt: str | None) -> str:
+        """The chat-template text of ``turns`` followed by ``next_prompt`` awaiting an answer."""
+        messages: list[dict[str, Any]] = []
+        for index, turn in enumerate([*turns, Turn(prompt=next_prompt, answer="")] if next_prompt is not None
+                                     else turns):
+            content: list[dict[str, str]] = [{"type": "text", "text": turn.prompt}]
+            if index == 0:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": "user", "content": content})
+            if index < len(turns):
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=next_prompt is not None,
+                                                  tokenize=False)
+
+    def _continuation_text(self, first_prompt: str, next_prompt: str) -> str:
+        """Template text between an assistant answer and the generation prompt of the next user turn."""
+        text = self.render_chat([Turn(prompt=first_prompt, answer=_SENTINEL)], next_prompt)
+        return text.split(_SENTINEL, 1)[1]
+
+    # -------------------------------------------------------------------------------------------- generation
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  pixel_values: torch.Tensor | None = None, past_key_values: Any = None,
+                  extra: dict[str, torch.Tensor] | None = None) -> Any:
+        kwargs: dict[str, Any] = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      return_dict_in_generate=True, use_cache=True,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        for key, value in (extra or {}).items():
+            kwargs[key] = value.to(self.device)
+        with torch.inference_mode():
+            return self.model.generate(**kwargs)
+
+    def _strip(self, ids: list[int]) -> list[int]:
+        """Drop padding, image placeholders and trailing end-of-sequence tokens from one generated row."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        # An image placeholder in a generated answer would be expanded into image features on the next turn.
+        image_token = getattr(self.model.config, "image_token_id", getattr(self.model.config, "image_token_index", None))
+        ids = [token for token in ids if (token != pad or pad == eos) and token != image_token]
+        while ids and ids[-1] in (eos, pad):
+            ids.pop()
+        return ids
+
+    def begin(self, images: list[np.ndarray], prompts: list[str], *, reuse_cache: bool = True,
+              max_new_tokens: int | None = None) -> tuple[list[str], Conversation]:
+        """First turn of one conversation per image, as one left-padded batch; returns answers and the state
+        to continue from with :meth:`follow_up`."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        pil_images = [Image.fromarray(image) for image in images]
+        texts = [self.render_chat([], prompt) for prompt in prompts]
+        inputs = self.processor(images=pil_images, text=texts, return_tensors="pt", padding=True)
+        pixel_values = inputs.pop("pixel_values")
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        state = Conversation(first_prompts=list(prompts), rows=rows, pixel_values=pixel_values, extra=extra,
+                             reuse_cache=reuse_cache and len(images) == 1)
+        return self._advance(state, max_new_tokens), state
+
+    def follow_up(self, state: Conversation, prompts: list[str], *, max_new_tokens: int | None = None) -> list[str]:
+        """Next user turn of every conversation in ``state`` (continues its token ids and, if kept, its cache)."""
+        if len(prompts) != len(state.rows):
+            raise ValueError(f"{len(state.rows)} conversations but {len(prompts)} prompts")
+        for index, prompt in enumerate(prompts):
+            suffix = self._continuation_text(state.first_prompts[index], prompt)
+            if self._template_ends_answers_with_eos(state.first_prompts[index], prompt):
+                # The answer row already ends with EOS (appended in _advance); do not tokenise it twice.
+                suffix = suffix.lstrip(" ")[len(self.tokenizer.eos_token):]
+            state.rows[index] = state.rows[index] + self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return self._advance(state, max_new_tokens)
+
+    def _advance(self, state: Conversation, max_new_tokens: int | None) -> list[str]:
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        input_ids, attention_mask = self._left_pad(state.rows)
+        if state.cache is not None:
+            output = self._generate(input_ids, attention_mask, max_new_tokens, past_key_values=state.cache)
+        else:
+            output = self._generate(input_ids, attention_mask, max_new_tokens, pixel_values=state.pixel_values,
+                                    extra=state.extra)
+        answers = []
+        eos = self.tokenizer.eos_token_id
+        for index, new_ids in enumerate(output.sequences[:, input_ids.shape[1]:].tolist()):
+            answer_ids = self._strip(new_ids)
+            answers.append(self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip())
+            # In the conversation an answer always ends with end-of-sequence, emitted or not.
+            state.rows[index] = state.rows[index] + answer_ids + [eos]
+        if state.reuse_cache:
+            # The cache holds keys/values of every fed or generated position but the last. Keep the longest
+            # prefix that agrees with the conversation ids (generation may have emitted tokens the answer drops);
+            # the next turn feeds whatever the cache lacks.
+            cache = output.past_key_values
+            fed = output.sequences[0].tolist()[: cache.get_seq_length()]
+            row = state.rows[0]
+            keep = 0
+            while keep < min(len(fed), len(row) - 1) and fed[keep] == row[keep]:
+                keep += 1
+            if cache.get_seq_length() > keep:
+                cache.crop(keep - cache.get_seq_length())
+            state.cache = cache
+        return answers
+
+    def converse(self, images: list[np.ndarray], prompts: list[list[str]], *, reuse_cache: bool = True,
+                 max_new_tokens: int | None = None) -> list[list[str]]:
+        """Run fixed multi-turn conversations; ``prompts[i][k]`` is the user's k-th turn on ``images[i]``."""
+        if not images:
+            return []
+        n_turns = len(prompts[0])
+        if any(len(p) != n_turns for p in prompts) or n_turns == 0:
+            raise ValueError("every conversation in a batch must have the same, non-zero number of turns")
+        first, state = self.begin(images, [p[0] for p in prompts], reuse_cache=reuse_cache,
+                                  max_new_tokens=max_new_tokens)
+        answers = [[a] for a in first]
+        for turn in range(1, n_turns):
+            for row, answer in zip(answers, self.follow_up(state, [p[turn] for p in prompts],
+                                                           max_new_tokens=max_new_tokens)):
+                row.append(answer)
+        return answers
+
+    def _template_ends_answers_with_eos(self, first_prompt: str, next_prompt: str) -> bool:
+        suffix = self._continuation_text(first_prompt, next_prompt)
+        eos_text = self.tokenizer.eos_token or ""
+        return bool(eos_text) and suffix.lstrip(" ").startswith(eos_text)
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[index, width - len(row):] = 1
+        return ids, mask
+
+    def answer(self, images: list[np.ndarray], questions: list[str], *, max_new_tokens: int | None = None) -> list[str]:
+        """The model's ordinary single-turn chat answer to each question (what users see in a chat UI)."""
+        return [turns[0] for turns in self.converse(images, [[q] for q in questions],
+                                                    max_new_tokens=max_new_tokens)]
+
+    def clone_frozen(self) -> FrozenMLLM:
+        """A deep copy (used by routes that fine-tune their own copy and must leave this one untouched)."""
+        return FrozenMLLM(copy.deepcopy(self.model), self.processor, name=self.name,
+                          max_new_tokens=self.max_new_tokens)

@@ -1,0 +1,236 @@
+"""A frozen Segment-Anything model driven below ``SamPredictor``.
+
+The LLaVASeg route needs what the predictor hides: the image encoder's intermediate (multi-scale) features,
+and a mask decoder fed with prompt embeddings that come from adapters rather than from points or boxes. This
+wrapper does the predictor's preprocessing exactly (``ResizeLongestSide`` + ``Sam.preprocess``), encodes each
+image once, and decodes any number of prompt sets against the cached features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from llavaseg.errors import CheckpointMismatchError, InputError
+from llavaseg.images import image_digest
+from llavaseg.models.mllm import freeze
+from llavaseg.models.sam_spec import SAM_SPECS, SamSpec, build_sam_from_spec
+
+
+@dataclass
+class SamImageFeatures:
+    """Everything the decoder and the adapters need about one image, computed once.
+
+    ``embedding`` is the encoder output (1 x C x g x g). ``levels`` are the outputs of the encoder blocks named
+    by ``FrozenSAM.feature_layers`` (1 x D x g x g each, channels first): the adapters' multi-scale inputs.
+    """
+
+    embedding: torch.Tensor
+    levels: list[torch.Tensor]
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+    def to(self, device: torch.device | str) -> SamImageFeatures:
+        return SamImageFeatures(self.embedding.to(device), [level.to(device) for level in self.levels],
+                                self.input_size, self.original_size)
+
+
+def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec) -> None:
+    """Load an upstream ``.pth`` (``weights_only=True``) or a ``.safetensors`` file, refusing other models."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"SAM checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable / truncated / pickled code objects
+        raise CheckpointMismatchError(f"cannot read SAM checkpoint {path}: {type(exc).__name__}") from None
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f"SAM checkpoint {path} does not hold a state dict")
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors"
+                  + (f" (e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} vs "
+                     f"model {tuple(expected[wrong[0]].shape)})" if wrong else ""))
+        raise CheckpointMismatchError(f"SAM checkpoint {path} is not a {spec.name} checkpoint: {detail}")
+    sam.load_state_dict(state)
+
+
+class FrozenSAM:
+    """Frozen ``Sam`` with cached per-image features and a decoder that accepts prompt embeddings."""
+
+    def __init__(self, sam: Sam, spec: SamSpec, *, name: str | None = None,
+                 feature_layers: tuple[int, ...] | None = None, cache_size: int = 32) -> None:
+        self.sam = freeze(sam)
+        self.spec = spec
+        self.name = name or spec.name
+        self.feature_layers = tuple(feature_layers if feature_layers is not None else spec.encoder_global_attn_indexes)
+        self.transform = ResizeLongestSide(spec.image_size)
+        self._cache: OrderedDict[str, SamImageFeatures] = OrderedDict()
+        self.cache_size = cache_size
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def create(cls, model_type: str | SamSpec, checkpoint: str | Path | None = None, *, device: str = "cpu",
+               seed: int = 0, cache_size: int = 32) -> FrozenSAM:
+        """Build a registry model (``vit_b``/``vit_l``/``vit_h``/``tiny``/``tiny-world``) and load ``checkpoint``.
+
+        Without a checkpoint the weights are random (seeded): useful for plumbing and timing only.
+        """
+        if isinstance(model_type, SamSpec):
+            spec = model_type
+        elif model_type in SAM_SPECS:
+            spec = SAM_SPECS[model_type]
+        else:
+            raise CheckpointMismatchError(f"unknown SAM model type {model_type!r}; known: {sorted(SAM_SPECS)}")
+        torch.manual_seed(seed)
+        sam = build_sam_from_spec(spec)
+        if checkpoint is not None:
+            load_sam_checkpoint(sam, checkpoint, spec)
+        name = spec.name + (f"@{Path(checkpoint).name}" if checkpoint is not None else f"@random{seed}")
+        return cls(sam.to(device), spec, name=name, cache_size=cache_size)
+
+    # ------------------------------------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @property
+    def prompt_dim(self) -> int:
+        return self.spec.prompt_embed_dim
+
+    @property
+    def level_dim(self) -> int:
+        return self.spec.encoder_embed_dim
+
+    def identity(self) -> dict[str, str]:
+        """Architecture and a weight fingerprint: adapters trained for one SAM are refused by another."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=8)
+            for key, tensor in sorted(self.sam.state_dict().items()):
+                if key.startswith("mask_decoder") or key.startswith("image_encoder.neck"):
+                    digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            self._fingerprint = digest.hexdigest()
+        return {"spec": self.spec.name, "weights": self._fingerprint}
+
+    # ------------------------------------------------------------------------------------------- encoding
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Resize longest side (as ``SamPredictor.set_image``), normalise and pad: 1 x 3 x S x S."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"SAM expects an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
+        resized = self.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        return self.sam.preprocess(tensor.float()), (int(resized.shape[0]), int(resized.shape[1]))
+
+    @torch.no_grad()  # not inference_mode: cached features must be usable in autograd (adapter training)
+    def encode_batch(self, images: list[np.ndarray]) -> list[SamImageFeatures]:
+        """Encode images not yet cached in one encoder batch; return features for all, in order."""
+        keys = [image_digest(image) for image in images]
+        todo = [i for i, key in enumerate(keys) if key not in self._cache]
+        if todo:
+            prepared = [self.preprocess(images[i]) for i in dict.fromkeys(todo)]
+            order = list(dict.fromkeys(todo))
+            batch = torch.cat([tensor for tensor, _ in prepared])
+            captured: dict[int, torch.Tensor] = {}
+            hooks = [self.sam.image_encoder.blocks[layer].register_forward_hook(
+                lambda _m, _i, out, layer=layer: captured.__setitem__(layer, out))
+                for layer in self.feature_layers]
+            try:
+                embedding = self.sam.image_encoder(batch)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for row, index in enumerate(order):
+                self._remember(keys[index], SamImageFeatures(
+                    embedding=embedding[row:row + 1].clone(),
+                    levels=[captured[layer][row:row + 1].permute(0, 3, 1, 2).contiguous() for layer in self.feature_layers],
+                    input_size=prepared[row][1],
+                    original_size=(int(images[index].shape[0]), int(images[index].shape[1])),
+                ))
+        return [self._cache[key] for key in keys]
+
+    def encode(self, image: np.ndarray) -> SamImageFeatures:
+        return self.encode_batch([image])[0]
+
+    def _remember(self, key: str, features: SamImageFeatures) -> None:
+        self._cache[key] = features
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def no_mask_dense(self, batch: int) -> torch.Tensor:
+        """SAM's 'no mask' dense prompt broadcast over the embedding grid (what the prompt encoder emits)."""
+        grid = self.spec.embedding_size
+        return self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, grid, grid)
+
+    def decode(self, features: SamImageFeatures, sparse: torch.Tensor, dense: torch.Tensor | None = None,
+               multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode ``B`` prompt sets against ONE image: sparse ``B x N x C``, dense ``B x C x g x g`` or None.
+
+        Returns low-resolution mask logits ``B x M x 4g x 4g`` and IoU predictions ``B x M`` (M = 1, or 3 with
+        ``multimask_output``). Gradients flow through the frozen decoder into the prompts (for adapter training).
+        """
+        batch = sparse.shape[0]
+        if dense is None:
+            dense = self.no_mask_dense(batch)
+        dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        return self.sam.mask_decoder(
+            image_embeddings=features.embedding.to(dtype),
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse.to(dtype),
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=multimask_output,
+        )
+
+    def upscale(self, low_res: torch.Tensor, features: SamImageFeatures) -> torch.Tensor:
+        """Mask logits at the original image size (``B x M x H x W``), as ``Sam.postprocess_masks``."""
+        return self.sam.postprocess_masks(low_res, features.input_size, features.original_size)
+
+    @torch.inference_mode()
+    def predict_boxes(self, image: np.ndarray, boxes: np.ndarray, multimask_output: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Masks for XYXY boxes in original-image pixels (the promptable-segmenter path, e.g. oracle boxes)."""
+        features = self.encode(image)
+        boxes_t = torch.as_tensor(self.transform.apply_boxes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                                                             features.original_size), device=self.device)
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes_t, masks=None)
+        low, iou = self.decode(features, sparse, dense, multimask_output)
+        return (self.upscale(low, features) > self.sam.mask_threshold).cpu().numpy(), iou.cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_points(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
+                       multimask_output: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Masks for point prompts: ``points`` B x N x 2 (x, y) in original pixels, ``labels`` B x N."""
+        features = self.encode(image)
+        coords = self.transform.apply_coords(np.asarray(points, dtype=np.float32), features.original_size)
+        coords_t = torch.as_tensor(coords, device=self.device)
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device)
+        sparse, dense = self.sam.prompt_encoder(points=(coords_t, labels_t), boxes=None, masks=None)
+        low, iou = self.decode(features, sparse, dense, multimask_output)
+        return (self.upscale(low, features) > self.sam.mask_threshold).cpu().numpy(), iou.cpu().numpy()
+
+
+def interpolate_level(level: torch.Tensor, size: int) -> torch.Tensor:
+    """Average-pool (or keep) a B x D x g x g level to ``size`` x ``size``: the adapters' coarser scales."""
+    if level.shape[-1] == size:
+        return level
+    return F.adaptive_avg_pool2d(level, size)
