@@ -17,15 +17,13 @@ from llavaseg.errors import InputError
 from llavaseg.images import ImageLike, check_query, load_image
 from llavaseg.models.adapters import MultiScaleAdapters
 from llavaseg.models.mllm import FrozenMLLM, Quantization
-from llavaseg.models.presets import PRESETS, build_components
+from llavaseg.models.presets import PRESETS, Components, Preset, build_components
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.models.text_encoder import FrozenTextEncoder
 from llavaseg.prompting import PromptSet
 from llavaseg.results import SegmentationResult
 from llavaseg.routes.base import Route
-from llavaseg.routes.llavaseg import LLaVASegRoute
-
-ROUTES = ("llavaseg", "llavaseg-noattr")
+from llavaseg.routes.registry import ROUTES, RouteContext, build_route
 
 
 class Segmenter:
@@ -34,31 +32,42 @@ class Segmenter:
 
     def __init__(self, mllm: FrozenMLLM, sam: FrozenSAM, text_encoder: FrozenTextEncoder,
                  adapters: MultiScaleAdapters, *, prompts_dir: str | Path | None = None, route: str = "llavaseg",
-                 with_answer: bool = True, batch_size: int = 8) -> None:
+                 with_answer: bool = True, batch_size: int = 8, preset: Preset | None = None,
+                 route_options: dict[str, object] | None = None) -> None:
         self.mllm, self.sam, self.text_encoder, self.adapters = mllm, sam, text_encoder, adapters
         self.prompts = PromptSet.load(prompts_dir)
         self.batch_size = batch_size
-        self.route: Route = self._make_route(route, with_answer)
+        self.context = RouteContext(Components(mllm, sam, text_encoder, adapters), self.prompts, preset=preset,
+                                    device=str(sam.device), with_answer=with_answer, options=dict(route_options or {}))
+        self.route: Route = build_route(route, self.context)
 
-    def _make_route(self, route: str, with_answer: bool) -> Route:
-        if route not in ROUTES:
-            raise InputError(f"unknown route {route!r}; available: {', '.join(ROUTES)}")
-        return LLaVASegRoute(self.mllm, self.sam, self.text_encoder, self.adapters, self.prompts,
-                             use_attributes=route != "llavaseg-noattr", with_answer=with_answer)
+    def with_route(self, route: str, **options: object) -> Segmenter:
+        """A segmenter sharing these (frozen) models but using another route, e.g. for side-by-side runs."""
+        clone = object.__new__(Segmenter)
+        clone.__dict__.update(self.__dict__)
+        clone.context = RouteContext(self.context.components, self.prompts, preset=self.context.preset,
+                                     device=self.context.device, with_answer=self.context.with_answer,
+                                     options={**self.context.options, **options})
+        clone.route = build_route(route, clone.context)
+        return clone
 
     @classmethod
     def from_preset(cls, name: str, *, route: str = "llavaseg", device: str = "cpu", dtype: str | None = "auto",
                     quantization: Quantization = None, prompts_dir: str | Path | None = None,
                     adapters: str | Path | None = None, mllm: str | None = None,
                     sam_checkpoint: str | None = None, clip_pretrained: str | None = None,
-                    with_answer: bool = True, batch_size: int = 8) -> Segmenter:
+                    with_answer: bool = True, batch_size: int = 8,
+                    route_options: dict[str, object] | None = None) -> Segmenter:
         """Build a preset (see ``llavaseg.models.presets.PRESETS``); keyword arguments override its sources."""
         if name not in PRESETS:
             raise InputError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
         parts = build_components(PRESETS[name], device=device, dtype=dtype, quantization=quantization, mllm=mllm,
                                  sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, adapters=adapters)
+        if route not in ROUTES:
+            raise InputError(f"unknown route {route!r}; available: {', '.join(ROUTES)}")
         return cls(parts.mllm, parts.sam, parts.text_encoder, parts.adapters, prompts_dir=prompts_dir, route=route,
-                   with_answer=with_answer, batch_size=batch_size)
+                   with_answer=with_answer, batch_size=batch_size, preset=PRESETS[name],
+                   route_options=route_options)
 
     @overload
     def __call__(self, image: ImageLike, query: str) -> SegmentationResult: ...

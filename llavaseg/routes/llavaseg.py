@@ -154,3 +154,17 @@ class LLaVASegRoute:
                 timings=per_item,
             ))
         return results
+
+
+def build(context) -> LLaVASegRoute:
+    """Registry entry (see ``llavaseg.routes.registry``)."""
+    parts = context.components
+    return LLaVASegRoute(parts.mllm, parts.sam, parts.text_encoder, parts.adapters, context.prompts,
+                         with_answer=context.with_answer)
+
+
+def build_without_attributes(context) -> LLaVASegRoute:
+    """The attribute-free ablation: same models and adapters, description only."""
+    parts = context.components
+    return LLaVASegRoute(parts.mllm, parts.sam, parts.text_encoder, parts.adapters, context.prompts,
+                         use_attributes=False, with_answer=context.with_answer)
