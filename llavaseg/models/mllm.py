@@ -58,6 +58,8 @@ def _bitsandbytes_config(quantization: Quantization, compute_dtype: torch.dtype)
         from transformers import BitsAndBytesConfig
     except Exception as exc:  # ImportError, or a broken native library
         raise UnsupportedError(f"{quantization} loading needs bitsandbytes, which failed to import ({exc})") from None
+    # Note: bitsandbytes' CPU 4-bit kernels need every quantised layer's input width to be a multiple of its
+    # block size (64); published LLaVA widths are, and the tiny models are built to be.
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
     return BitsAndBytesConfig(load_in_8bit=True)

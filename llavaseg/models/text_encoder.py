@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,18 @@ from llavaseg.models.mllm import freeze
 
 _CONFIG_DIR = Path(__file__).with_name("clip_configs")
 open_clip.add_model_config(_CONFIG_DIR)
+
+
+@contextmanager
+def _quiet(active: bool):
+    logger = logging.getLogger()
+    level = logger.level
+    if active:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class FrozenTextEncoder:
@@ -47,8 +61,10 @@ class FrozenTextEncoder:
         if pretrained is None and not str(model_name).startswith("local-dir:"):
             torch.manual_seed(seed)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
+            # open_clip logs a warning for every model built without weights; here that is deliberate.
+            with _quiet(pretrained is None):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
         except RuntimeError as exc:  # state-dict mismatch: weights for another architecture
             first = str(exc).strip().splitlines()[0]
             raise CheckpointMismatchError(f"open_clip weights {pretrained} do not fit {model_name}: {first}") from None
