@@ -67,10 +67,10 @@ class TinyLlavaSpec(BaseModel):
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
-    text_hidden: int = 96
+    text_hidden: int = 128  # multiples of 64: bitsandbytes CPU 4-bit kernels need them
     text_layers: int = 2
     text_heads: int = 4
-    text_intermediate: int = 192
+    text_intermediate: int = 256
     max_positions: int = 512
 
     @property
