@@ -93,7 +93,8 @@ def build_mllm(spec: str, *, device: str, dtype: str | None, quantization: Quant
         if quantization is not None:
             raise UnsupportedError("quantization needs a saved model; save the tiny model and load it from disk")
         model, processor = build_tiny_llava(tiny_vocabulary(), seed=seed)
-        return FrozenMLLM(model.to(device), processor, name="random:tiny")
+        # A random model never emits end-of-sequence on purpose: cap its answers to keep plumbing fast.
+        return FrozenMLLM(model.to(device), processor, name="random:tiny", max_new_tokens=12)
     path = package_path(spec) if spec.startswith("pkg:") else spec
     if spec.startswith("pkg:") and not Path(path).is_dir():
         raise UnsupportedError(f"the shipped model {spec} is missing from this install ({path})")
