@@ -1,0 +1,185 @@
+"""Feature cache: round trip, identity refusal / namespaces, resumable builds that skip cached entries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llavaseg.cache import FeatureCache, TeacherStages, build_cache, cache_identity
+from llavaseg.data.reasonseg import ReasonSegDataset
+from llavaseg.errors import CheckpointMismatchError, InputError
+from llavaseg.prompting import PromptSet
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from llavaseg.tinyworld.generate import generate_tinyworld
+
+    return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=5, sizes={"train": 4, "val": 1})
+
+
+@pytest.fixture(scope="module")
+def models():
+    from llavaseg.models.presets import build_sam, build_text_encoder
+
+    torch.set_num_threads(1)
+    return build_sam("tiny", None, device="cpu"), build_text_encoder("tiny-clip", None, device="cpu")
+
+
+class CountingSAM:
+    """TEST DOUBLE: wraps the real FrozenSAM and counts images sent to its encoder."""
+
+    def __init__(self, sam, fail_after: int | None = None) -> None:
+        self.sam, self.images, self.calls, self.fail_after = sam, 0, 0, fail_after
+
+    def encode_batch(self, images):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt  # simulated interruption in the middle of a build
+        self.calls += 1
+        self.images += len(images)
+        return self.sam.encode_batch(images)
+
+    def __getattr__(self, name):
+        return getattr(self.sam, name)
+
+
+class CountingTextEncoder:
+    """TEST DOUBLE: wraps the real FrozenTextEncoder and counts encoded strings."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder, self.texts = encoder, 0
+
+    def encode_text(self, texts):
+        self.texts += len(texts)
+        return self.encoder.encode_text(texts)
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+
+class ScriptedMLLM:
+    """TEST DOUBLE for the frozen MLLM: fixed answers per stage, counts queries; only the interface run_stages uses."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    def identity(self):
+        return {"name": "scripted-test-double", "config": "0", "weights": "0"}
+
+    def begin(self, images, prompts):
+        self.queries += len(prompts)
+        return [" circle "] * len(prompts), len(prompts)
+
+    def follow_up(self, state, prompts):
+        return ["color : red ; location : top left ; size : small"] * state
+
+
+def _queries(world, split="train"):
+    return list(ReasonSegDataset(world, split).queries())
+
+
+def test_round_trip_equals_the_models_outputs(world, models, tmp_path) -> None:
+    sam, text_encoder = models
+    mllm, prompts = ScriptedMLLM(), PromptSet.load()
+    identity = cache_identity(sam, text_encoder, max_text_tokens=8, mllm=mllm, prompts=prompts)
+    cache = FeatureCache(tmp_path / "c", identity)
+    queries = _queries(world)[:3]
+    keys = build_cache(cache, queries, sam=sam, text_encoder=text_encoder, mllm=mllm, prompts=prompts,
+                       batch_size=2, progress=False)
+    assert len(keys) == 3 and len(set(keys)) == 3
+    reopened = FeatureCache(tmp_path / "c", identity)  # read back from disk, not memory
+    samples = reopened.load_samples(keys)
+    for query, sample in zip(queries, samples):
+        entry = sample.entry
+        assert entry.query_id == query.query_id and entry.source == "mllm"
+        assert entry.description == "circle" and entry.reason_output == " circle "
+        assert entry.attributes == {"color": "red", "location": "top left", "size": "small"}
+        assert entry.phrases == ["circle", "color: red", "location: top left", "size: small"]
+        assert torch.equal(sample.text, text_encoder.encode_text(entry.phrases))
+        assert np.array_equal(sample.mask, query.load_mask())
+        live = sam.encode(query.load_image())
+        cached = reopened.image_features(entry.image)
+        assert torch.equal(cached.embedding, live.embedding)
+        assert all(torch.equal(a, b) for a, b in zip(cached.levels, live.levels, strict=True))
+        assert cached.original_size == live.original_size and cached.input_size == live.input_size
+    on_disk = json.loads((tmp_path / "c" / "identity.json").read_text())
+    assert on_disk["mllm"]["name"] == "scripted-test-double" and on_disk["stage_source"] == "mllm"
+
+
+def test_teacher_mode_reads_ground_truth_stages_and_is_labelled(world, models, tmp_path) -> None:
+    sam, text_encoder = models
+    dataset = ReasonSegDataset(world, "train")
+    identity = cache_identity(sam, text_encoder, max_text_tokens=8, stage_source="teacher")
+    assert identity.stage_source == "teacher" and "teacher" in identity.mllm and identity.prompts == {}
+    cache = FeatureCache(tmp_path / "t", identity)
+    query = next(iter(dataset.queries()))
+    keys = build_cache(cache, [query], sam=sam, text_encoder=text_encoder, teacher=TeacherStages.for_dataset(dataset),
+                       progress=False)
+    entry = cache.entry(keys[0])
+    record = next(json.loads(line) for line in (world / "train" / "stages.jsonl").read_text().splitlines()
+                  if json.loads(line)["text"] == query.text)
+    assert entry.source == "teacher" and entry.description == record["description"]
+    assert entry.attributes == record["attributes"]
+    with pytest.raises(InputError, match="teacher"):
+        build_cache(cache, [query], sam=sam, text_encoder=text_encoder, progress=False)  # teacher missing
+
+
+def test_identity_mismatch_is_refused_or_namespaced(world, models, tmp_path) -> None:
+    sam, text_encoder = models
+    first = cache_identity(sam, text_encoder, max_text_tokens=8, stage_source="teacher")
+    FeatureCache(tmp_path / "c", first)
+    other_prompts = cache_identity(sam, text_encoder, max_text_tokens=8, mllm=ScriptedMLLM(), prompts=PromptSet.load())
+    with pytest.raises(CheckpointMismatchError, match="stage_source, mllm, prompts"):
+        FeatureCache(tmp_path / "c", other_prompts)
+    from llavaseg.models.presets import build_text_encoder
+
+    other_encoder = build_text_encoder("tiny-clip", None, device="cpu")
+    other_encoder.model.token_embedding.weight.data.add_(0.01)  # a different (fine-tuned) text tower
+    changed = cache_identity(sam, other_encoder, max_text_tokens=8, stage_source="teacher")
+    with pytest.raises(CheckpointMismatchError, match="text_encoder"):
+        FeatureCache(tmp_path / "c", changed)
+    namespaced = FeatureCache(tmp_path / "c", changed, on_mismatch="namespace")
+    assert namespaced.dir == tmp_path / "c" / "namespaces" / changed.digest()
+    assert FeatureCache(tmp_path / "c", first).dir == tmp_path / "c"  # the original is untouched
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointMismatchError, match="not empty"):
+        FeatureCache(tmp_path / "junk", first)
+
+
+def test_build_resumes_and_skips_cached_entries(world, models, tmp_path) -> None:
+    sam, text_encoder = models
+    queries = _queries(world)
+    assert len(queries) >= 5
+    n_images = len({q.sample_id for q in queries})
+    prompts = PromptSet.load()
+    identity = cache_identity(sam, text_encoder, max_text_tokens=8, mllm=ScriptedMLLM(), prompts=prompts)
+
+    # 1) interrupted after the first batch of 2 queries
+    mllm, counting_sam, counting_text = ScriptedMLLM(), CountingSAM(sam, fail_after=1), CountingTextEncoder(text_encoder)
+    cache = FeatureCache(tmp_path / "c", identity)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cache, queries, sam=counting_sam, text_encoder=counting_text, mllm=mllm, prompts=prompts,
+                    batch_size=2, progress=False)
+    assert len(FeatureCache(tmp_path / "c", identity)) == 2 and mllm.queries == 2
+
+    # 2) resume: only the remaining queries reach the models
+    mllm, counting_sam, counting_text = ScriptedMLLM(), CountingSAM(sam), CountingTextEncoder(text_encoder)
+    cache = FeatureCache(tmp_path / "c", identity)
+    keys = build_cache(cache, queries, sam=counting_sam, text_encoder=counting_text, mllm=mllm, prompts=prompts,
+                       batch_size=2, progress=False)
+    assert mllm.queries == len(queries) - 2
+    assert counting_text.texts == 4 * (len(queries) - 2)  # 4 phrases per query
+    first_two_images = len({q.sample_id for q in queries[:2]})
+    assert counting_sam.images == n_images - first_two_images  # cached images are not encoded again
+    assert len(cache) == len(queries)
+
+    # 3) a complete rerun computes nothing
+    mllm, counting_sam, counting_text = ScriptedMLLM(), CountingSAM(sam), CountingTextEncoder(text_encoder)
+    again = build_cache(FeatureCache(tmp_path / "c", identity), queries, sam=counting_sam, text_encoder=counting_text,
+                        mllm=mllm, prompts=prompts, batch_size=2, progress=False)
+    assert again == keys
+    assert (mllm.queries, counting_sam.images, counting_text.texts) == (0, 0, 0)
