@@ -134,3 +134,38 @@ def test_adapters_round_trip_and_report_parameter_count(tmp_path: Path):
     other_text = FrozenTextEncoder.create("tiny-clip", seed=5)
     with pytest.raises(CheckpointMismatchError, match="trained for text encoder"):
         load_adapters(tmp_path, sam_identity=sam.identity(), text_encoder_identity=other_text.identity())
+
+
+def test_vision_tower_runs_once_per_image_across_queries(chatty_mllm):
+    image, other = _images()
+    calls = []
+    hook = chatty_mllm.model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        chatty_mllm._image_cache.clear()
+        first = chatty_mllm.converse([image], [["the red circle ?", "what colour ?"]])
+        again = chatty_mllm.converse([image, other], [["the red circle ?", "what colour ?"], ["why ?", "how ?"]])
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # once for `image`, once for `other`; the repeated image is served from the cache
+    assert again[0] == first[0]
+    fresh = FrozenMLLM(chatty_mllm.model, chatty_mllm.processor, max_new_tokens=6, image_cache_size=0)
+    fresh._features_supported = False  # the plain pixel_values path
+    assert fresh.converse([image, other], [["the red circle ?", "what colour ?"], ["why ?", "how ?"]]) == again
+
+
+def test_sam_disk_cache_serves_a_new_process_without_encoding(tmp_path: Path):
+    image, _ = _images()
+    first = FrozenSAM.create("tiny", disk_cache=tmp_path)
+    features = first.encode(image)
+    second = FrozenSAM.create("tiny", disk_cache=tmp_path)  # same weights: same cache namespace
+    calls = []
+    hook = second.sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        loaded = second.encode(image)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert torch.equal(loaded.embedding, features.embedding) and loaded.input_size == features.input_size
+    assert all(torch.equal(a, b) for a, b in zip(loaded.levels, features.levels))
+    other = FrozenSAM.create("tiny", seed=9, disk_cache=tmp_path)  # other weights never read those files
+    assert not torch.equal(other.encode(image).embedding, features.embedding)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -84,14 +85,20 @@ class Conversation:
     extra: dict[str, torch.Tensor]
     reuse_cache: bool
     cache: Any = None
+    image_features: list[torch.Tensor] | None = None  # per-image encoder outputs, replacing pixel_values
 
 
 class FrozenMLLM:
     """A frozen image-text-to-text model plus its processor; answers multi-turn questions about one image."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, name: str = "custom",
-                 max_new_tokens: int = 48) -> None:
+                 max_new_tokens: int = 48, image_cache_size: int = 32) -> None:
         self.model = freeze(model)
+        # Vision-tower outputs per image (keyed by pixel content): every query on an image after the first
+        # skips the vision tower. None = not yet known whether this model accepts precomputed features.
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.image_cache_size = image_cache_size
+        self._features_supported: bool | None = None
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
@@ -172,7 +179,8 @@ class FrozenMLLM:
     # -------------------------------------------------------------------------------------------- generation
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   pixel_values: torch.Tensor | None = None, past_key_values: Any = None,
-                  extra: dict[str, torch.Tensor] | None = None) -> Any:
+                  extra: dict[str, torch.Tensor] | None = None,
+                  image_features: list[torch.Tensor] | None = None) -> Any:
         kwargs: dict[str, Any] = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                       return_dict_in_generate=True, use_cache=True,
@@ -181,10 +189,50 @@ class FrozenMLLM:
             kwargs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
+        if image_features is not None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+                pooler_output=[feature.to(self.device) for feature in image_features])}
         for key, value in (extra or {}).items():
             kwargs[key] = value.to(self.device)
         with torch.inference_mode():
             return self.model.generate(**kwargs)
+
+    def _cached_image_features(self, images: list[np.ndarray], pixel_values: torch.Tensor,
+                               extra: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Vision features per image from the LRU cache, computing only the missing ones (one batch).
+
+        Uses transformers' ``get_image_features`` + ``mm_encoder_outputs``; a model without them (or whose
+        per-image inputs cannot be sliced) falls back to passing ``pixel_values`` every time.
+        """
+        if self._features_supported is False or not hasattr(self.model, "get_image_features"):
+            return None
+        from llavaseg.images import image_digest
+
+        keys = [image_digest(image) for image in images]
+        missing = [i for i, key in enumerate(keys) if key not in self._image_cache]
+        if missing:
+            try:
+                subset = {k: v[missing] for k, v in extra.items() if isinstance(v, torch.Tensor)
+                          and v.shape[:1] == pixel_values.shape[:1]}
+                with torch.inference_mode():
+                    output = self.model.get_image_features(
+                        pixel_values=pixel_values[missing].to(self.device, dtype=self.model.dtype),
+                        return_dict=True, **{k: v.to(self.device) for k, v in subset.items()})
+                features = list(output.pooler_output)
+                if len(features) != len(missing):
+                    raise ValueError("one feature tensor per image expected")
+            except (TypeError, ValueError, RuntimeError, AttributeError):
+                self._features_supported = False
+                return None
+            for index, feature in zip(missing, features):
+                self._image_cache[keys[index]] = feature
+                self._image_cache.move_to_end(keys[index])
+            while len(self._image_cache) > self.image_cache_size:
+                self._image_cache.popitem(last=False)
+        self._features_supported = True
+        return [self._image_cache[key] for key in keys]
 
     def _strip(self, ids: list[int]) -> list[int]:
         """Drop padding, image placeholders and trailing end-of-sequence tokens from one generated row."""
@@ -209,7 +257,8 @@ class FrozenMLLM:
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
         state = Conversation(first_prompts=list(prompts), rows=rows, pixel_values=pixel_values, extra=extra,
-                             reuse_cache=reuse_cache and len(images) == 1)
+                             reuse_cache=reuse_cache and len(images) == 1,
+                             image_features=self._cached_image_features(images, pixel_values, extra))
         return self._advance(state, max_new_tokens), state
 
     def follow_up(self, state: Conversation, prompts: list[str], *, max_new_tokens: int | None = None) -> list[str]:
@@ -229,6 +278,9 @@ class FrozenMLLM:
         input_ids, attention_mask = self._left_pad(state.rows)
         if state.cache is not None:
             output = self._generate(input_ids, attention_mask, max_new_tokens, past_key_values=state.cache)
+        elif state.image_features is not None:
+            output = self._generate(input_ids, attention_mask, max_new_tokens, extra=state.extra,
+                                    image_features=state.image_features)
         else:
             output = self._generate(input_ids, attention_mask, max_new_tokens, pixel_values=state.pixel_values,
                                     extra=state.extra)

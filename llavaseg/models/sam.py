@@ -75,8 +75,17 @@ class FrozenSAM:
     """Frozen ``Sam`` with cached per-image features and a decoder that accepts prompt embeddings."""
 
     def __init__(self, sam: Sam, spec: SamSpec, *, name: str | None = None,
-                 feature_layers: tuple[int, ...] | None = None, cache_size: int = 32) -> None:
+                 feature_layers: tuple[int, ...] | None = None, cache_size: int = 32,
+                 disk_cache: str | Path | None = None, half_encoder: bool | None = None) -> None:
         self.sam = freeze(sam)
+        # On GPU the image encoder (nearly all of SAM's compute) runs in fp16 unless told otherwise; on CPU
+        # fp16 is slower, so it stays fp32. The decoder always runs in the model's own dtype.
+        if half_encoder is None:
+            half_encoder = self.sam.device.type == "cuda"
+        self.half_encoder = half_encoder
+        if half_encoder:
+            self.sam.image_encoder.half()
+        self.disk_cache = Path(disk_cache) if disk_cache is not None else None
         self.spec = spec
         self.name = name or spec.name
         self.feature_layers = tuple(feature_layers if feature_layers is not None else spec.encoder_global_attn_indexes)
@@ -87,7 +96,8 @@ class FrozenSAM:
 
     @classmethod
     def create(cls, model_type: str | SamSpec, checkpoint: str | Path | None = None, *, device: str = "cpu",
-               seed: int = 0, cache_size: int = 32) -> FrozenSAM:
+               seed: int = 0, cache_size: int = 32, disk_cache: str | Path | None = None,
+               half_encoder: bool | None = None) -> FrozenSAM:
         """Build a registry model (``vit_b``/``vit_l``/``vit_h``/``tiny``/``tiny-world``) and load ``checkpoint``.
 
         Without a checkpoint the weights are random (seeded): useful for plumbing and timing only.
@@ -103,7 +113,8 @@ class FrozenSAM:
         if checkpoint is not None:
             load_sam_checkpoint(sam, checkpoint, spec)
         name = spec.name + (f"@{Path(checkpoint).name}" if checkpoint is not None else f"@random{seed}")
-        return cls(sam.to(device), spec, name=name, cache_size=cache_size)
+        return cls(sam.to(device), spec, name=name, cache_size=cache_size, disk_cache=disk_cache,
+                   half_encoder=half_encoder)
 
     # ------------------------------------------------------------------------------------------------ facts
     @property
@@ -141,27 +152,34 @@ class FrozenSAM:
     def encode_batch(self, images: list[np.ndarray]) -> list[SamImageFeatures]:
         """Encode images not yet cached in one encoder batch; return features for all, in order."""
         keys = [image_digest(image) for image in images]
-        todo = [i for i, key in enumerate(keys) if key not in self._cache]
-        if todo:
-            prepared = [self.preprocess(images[i]) for i in dict.fromkeys(todo)]
-            order = list(dict.fromkeys(todo))
+        for key in dict.fromkeys(keys):
+            if key not in self._cache and (loaded := self._load_from_disk(key)) is not None:
+                self._remember(key, loaded)
+        order = list(dict.fromkeys(i for i, key in enumerate(keys) if key not in self._cache
+                                   and keys.index(key) == i))
+        if order:
+            prepared = [self.preprocess(images[i]) for i in order]
             batch = torch.cat([tensor for tensor, _ in prepared])
+            encoder_dtype = self.sam.image_encoder.patch_embed.proj.weight.dtype
             captured: dict[int, torch.Tensor] = {}
             hooks = [self.sam.image_encoder.blocks[layer].register_forward_hook(
                 lambda _m, _i, out, layer=layer: captured.__setitem__(layer, out))
                 for layer in self.feature_layers]
             try:
-                embedding = self.sam.image_encoder(batch)
+                embedding = self.sam.image_encoder(batch.to(encoder_dtype)).float()
             finally:
                 for hook in hooks:
                     hook.remove()
             for row, index in enumerate(order):
-                self._remember(keys[index], SamImageFeatures(
+                features = SamImageFeatures(
                     embedding=embedding[row:row + 1].clone(),
-                    levels=[captured[layer][row:row + 1].permute(0, 3, 1, 2).contiguous() for layer in self.feature_layers],
+                    levels=[captured[layer][row:row + 1].permute(0, 3, 1, 2).float().contiguous()
+                            for layer in self.feature_layers],
                     input_size=prepared[row][1],
                     original_size=(int(images[index].shape[0]), int(images[index].shape[1])),
-                ))
+                )
+                self._remember(keys[index], features)
+                self._save_to_disk(keys[index], features)
         return [self._cache[key] for key in keys]
 
     def encode(self, image: np.ndarray) -> SamImageFeatures:
@@ -175,6 +193,41 @@ class FrozenSAM:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def _disk_path(self, key: str) -> Path | None:
+        if self.disk_cache is None:
+            return None
+        identity = self.identity()
+        folder = self.disk_cache / f"{identity['spec']}-{identity['weights']}-{'-'.join(map(str, self.feature_layers))}"
+        return folder / f"{key}.safetensors"
+
+    def _load_from_disk(self, key: str) -> SamImageFeatures | None:
+        path = self._disk_path(key)
+        if path is None or not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(self.device)) as handle:
+            meta = handle.metadata()
+            levels = [handle.get_tensor(f"level_{i}") for i in range(len(self.feature_layers))]
+            embedding = handle.get_tensor("embedding")
+        return SamImageFeatures(embedding, levels, (int(meta["input_h"]), int(meta["input_w"])),
+                                (int(meta["original_h"]), int(meta["original_w"])))
+
+    def _save_to_disk(self, key: str, features: SamImageFeatures) -> None:
+        path = self._disk_path(key)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"embedding": features.embedding.cpu().contiguous(),
+                   **{f"level_{i}": level.cpu().contiguous() for i, level in enumerate(features.levels)}}
+        meta = {"input_h": str(features.input_size[0]), "input_w": str(features.input_size[1]),
+                "original_h": str(features.original_size[0]), "original_w": str(features.original_size[1])}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
 
     # ------------------------------------------------------------------------------------------- decoding
     def no_mask_dense(self, batch: int) -> torch.Tensor:

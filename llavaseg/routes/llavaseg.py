@@ -84,8 +84,7 @@ def adapter_mask_logits(adapters: MultiScaleAdapters, sam: FrozenSAM, features: 
                         text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits (``B x 1 x 4g x 4g``) and predicted IoU (``B x 1``) for one prompt per image.
 
-    Differentiable in the adapters' parameters (used unchanged by training); SAM's decoder takes one image at a
-    time, so images are decoded in a loop.
+    Differentiable in the adapters' parameters (used unchanged by training).
     """
     device = sam.device
     levels = [torch.cat([f.levels[i] for f in features]).to(device) for i in range(len(features[0].levels))]
@@ -94,11 +93,17 @@ def adapter_mask_logits(adapters: MultiScaleAdapters, sam: FrozenSAM, features: 
     dense = sam.no_mask_dense(len(features))
     if dense_delta is not None:
         dense = dense + dense_delta
-    logits, ious = [], []
+    # SAM's decoder takes one image embedding with any number of prompt rows: decode all queries on the same
+    # image in one call, and loop over distinct images.
+    groups: dict[int, list[int]] = {}
     for index, feature in enumerate(features):
-        low, iou = sam.decode(feature, sparse[index: index + 1], dense[index: index + 1], multimask_output=False)
-        logits.append(low)
-        ious.append(iou)
+        groups.setdefault(id(feature), []).append(index)
+    logits: list[torch.Tensor | None] = [None] * len(features)
+    ious: list[torch.Tensor | None] = [None] * len(features)
+    for rows in groups.values():
+        low, iou = sam.decode(features[rows[0]], sparse[rows], dense[rows], multimask_output=False)
+        for position, row in enumerate(rows):
+            logits[row], ious[row] = low[position: position + 1], iou[position: position + 1]
     return torch.cat(logits), torch.cat(ious)
 
 
