@@ -1,0 +1,128 @@
+"""The LISA-style ``[SEG]``-token route: the rival the frozen LLaVASeg route is judged against.
+
+A fine-tuned copy of the MLLM answers a segmentation request; the last-layer hidden state that predicts each
+``[SEG]`` it emits is projected to a SAM prompt and decoded by a fine-tuned copy of SAM's mask decoder (over
+the shared, frozen SAM image encoder). See :mod:`llavaseg.seg_token` for the mechanics and training.
+
+Route options (``RouteContext.options`` / ``Segmenter.with_route("seg-token", **options)``):
+
+* ``seg_token_model``: a directory saved by :func:`~llavaseg.seg_token.checkpoint.save_seg_token_model`
+  (default: the preset's ``seg_token_model``, e.g. the shipped tiny-world model). Presets without one (``tiny``)
+  get an untrained model (LoRA at init, random projection): plumbing only, masks are noise.
+* ``lisa_checkpoint`` + ``vision_tower``: a published LISA checkpoint directory and the local CLIP vision tower
+  it was trained with (see :mod:`llavaseg.seg_token.lisa_checkpoint`).
+* ``teacher_forced`` (bool, default False): LISA's ``validate()`` protocol (assistant turn pre-filled with
+  ``"[SEG]."``) instead of greedy generation. Both are documented in :mod:`llavaseg.seg_token.inference`.
+* ``query_style``: ``auto`` (default; guess phrase vs. sentence), ``short`` or ``long`` LISA template.
+* ``max_new_tokens`` (default 32, LISA's ``evaluate()``).
+
+Results: ``mask`` is the union of the masks of all generated ``[SEG]`` (empty if none); ``raw_outputs`` holds
+the generated text, the protocol and ``seg_count``; ``description`` is the generated text without ``[SEG]``;
+``answer`` is this route's own chat answer to the bare query from the fine-tuned LLM (``dialogue_model()``),
+which is what dialogue preservation compares with the base MLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from llavaseg.errors import InputError, UnsupportedError
+from llavaseg.models.mllm import FrozenMLLM
+from llavaseg.models.presets import package_path
+from llavaseg.results import SegmentationResult
+from llavaseg.routes.base import StageTimer
+from llavaseg.seg_token.inference import predict
+from llavaseg.seg_token.model import SegTokenModel
+from llavaseg.seg_token.prompts import strip_seg
+
+
+class SegTokenRoute:
+    """``[SEG]``-token segmentation with its own fine-tuned MLLM copy (the shared frozen models stay untouched)."""
+
+    name = "seg-token"
+
+    def __init__(self, model: SegTokenModel, *, teacher_forced: bool = False, query_style: str = "auto",
+                 max_new_tokens: int = 32, with_answer: bool = True) -> None:
+        if query_style not in ("auto", "short", "long"):
+            raise InputError(f"query_style must be auto, short or long, got {query_style!r}")
+        self.model = model.eval()
+        self.teacher_forced = teacher_forced
+        self.query_style = query_style
+        self.max_new_tokens = max_new_tokens
+        self.with_answer = with_answer
+
+    @property
+    def protocol(self) -> str:
+        return "teacher-forced" if self.teacher_forced else "generate"
+
+    def dialogue_model(self) -> FrozenMLLM:
+        return self.model.dialogue_model()
+
+    def __call__(self, images: list[np.ndarray], queries: list[str]) -> list[SegmentationResult]:
+        timer = StageTimer()
+        with timer.stage("seg_token"):
+            predictions = predict(self.model, images, queries, protocol=self.protocol,  # type: ignore[arg-type]
+                                  style=self.query_style, max_new_tokens=self.max_new_tokens)  # type: ignore[arg-type]
+        answers: list[str | None] = [None] * len(images)
+        if self.with_answer:
+            with timer.stage("mllm_answer"):
+                answers = list(self.dialogue_model().answer(images, queries))
+        per_item = timer.per_item(len(images))
+        results = []
+        for index, prediction in enumerate(predictions):
+            count = prediction.masks.shape[0]
+            results.append(SegmentationResult(
+                route=self.name, query=queries[index], mask=prediction.union,
+                score=float(np.mean(prediction.scores)) if count else 0.0,
+                description=strip_seg(prediction.text), answer=answers[index],
+                prompts={"segment": prediction.prompt, **({"answer": queries[index]} if self.with_answer else {})},
+                raw_outputs={"segment": prediction.text, "protocol": self.protocol, "seg_count": str(count),
+                             **({"answer": answers[index] or ""} if self.with_answer else {})},
+                timings=per_item,
+            ))
+        return results
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def resolve_model(context) -> SegTokenModel:
+    """The route's ``[SEG]`` model: LISA checkpoint option, else model-dir option, else the preset's, else an
+    untrained one (``tiny`` preset)."""
+    from llavaseg.seg_token.checkpoint import load_seg_token_model
+    from llavaseg.seg_token.model import create_seg_token_model
+
+    parts = context.components
+    options = context.options
+    if options.get("lisa_checkpoint") is not None:
+        from llavaseg.seg_token.lisa_checkpoint import load_lisa_checkpoint
+
+        if options.get("vision_tower") is None:
+            raise InputError("lisa_checkpoint needs vision_tower=DIR (LISA checkpoints do not include CLIP)")
+        return load_lisa_checkpoint(Path(str(options["lisa_checkpoint"])), Path(str(options["vision_tower"])),
+                                    parts.sam)
+    source = options.get("seg_token_model")
+    if source is None and context.preset is not None:
+        source = context.preset.seg_token_model
+    if source is None:
+        return create_seg_token_model(parts.mllm, parts.sam)
+    path = package_path(str(source))
+    if not path.is_dir():
+        if str(source).startswith("pkg:"):
+            raise UnsupportedError(f"the shipped [SEG] model {source} is missing from this install ({path}); "
+                                   "train it with python -m llavaseg.tinyworld.train_seg_token")
+        raise InputError(f"[SEG] model directory not found: {path}")
+    return load_seg_token_model(path, parts.mllm, parts.sam)
+
+
+def build(context) -> SegTokenRoute:
+    """Registry entry (see ``llavaseg.routes.registry``)."""
+    options = context.options
+    return SegTokenRoute(resolve_model(context), teacher_forced=_flag(options.get("teacher_forced", False)),
+                         query_style=str(options.get("query_style", "auto")),
+                         max_new_tokens=int(options.get("max_new_tokens", 32)), with_answer=context.with_answer)
