@@ -1,0 +1,312 @@
+"""Load a published LISA checkpoint directory (e.g. ``xinlai/LISA-7B-v1``) as a :class:`SegTokenModel`.
+
+What LISA publishes
+    LISA v1 is built on **LLaVA v1** ("LLaVA-Lightning-7B-v1-1": Vicuna/LLaMA-1 + CLIP ViT-L/14 at 224 px, a single
+    ``Linear`` projector, ``<im_start>``/``<im_end>`` around the image) with the *old* ``llava`` code base
+    (``LlavaLlamaForCausalLM``), **not** llava-hf / transformers' ``LlavaForConditionalGeneration``. Its release
+    directories are written by ``merge_lora_weights_and_save_hf_model.py``: LoRA merged into the LLM, the CLIP
+    vision tower *removed* (``if "vision_tower" not in k``), the tokenizer (with ``[SEG]``, ``<im_start>``,
+    ``<im_end>``) saved alongside, ``config.json`` with LLaMA fields plus ``mm_*``/``out_dim``.
+
+How keys map (implemented by :func:`map_lisa_state_dict`, tested on a generated tiny state dict)
+
+    ======================================================  =================================================
+    LISA key                                                here
+    ======================================================  =================================================
+    ``model.embed_tokens.weight``                            ``model.language_model.embed_tokens.weight``
+                                                            (+1 appended row for the ``<image>`` placeholder)
+    ``model.layers.{i}.*`` (attention, MLP, norms)           ``model.language_model.layers.{i}.*`` (same names)
+    ``model.norm.weight``                                    ``model.language_model.norm.weight``
+    ``lm_head.weight``                                       ``lm_head.weight`` (+1 appended row)
+    ``model.mm_projector.weight/bias`` (one ``Linear``)      ``multi_modal_projector.linear_1``; ``linear_2`` is
+                                                            set to the identity and the activation to
+                                                            ``"linear"`` (identity): the same function exactly
+    ``model.mm_projector.{0,2}.*`` (LLaVA-1.5 mlp2x_gelu)    ``multi_modal_projector.linear_{1,2}`` (gelu)
+    ``model.vision_tower.vision_tower.vision_model.*``       ``model.vision_tower.*`` (only if present; the
+                                                            released v1 files omit it, so the CLIP tower is
+                                                            loaded from ``vision_tower`` = a local
+                                                            ``openai/clip-vit-large-patch14`` directory)
+    ``model.text_hidden_fcs.0.{0,2}.*``                      ``text_hidden_fcs.{0,2}.*``
+    ``model.visual_model.mask_decoder.*``                    ``mask_decoder.*`` (this model's decoder copy)
+    ``model.visual_model.image_encoder.*``, ``prompt_encoder.*``  not loaded: LISA keeps them frozen, so they must
+                                                            equal the shared :class:`FrozenSAM` (SAM ViT-H
+                                                            ``sam_vit_h_4b8939.pth``); a difference is refused
+    ``*.rotary_emb.inv_freq``                                dropped (recomputed buffers)
+    anything else                                           reported in ``LisaKeyMapping.unmapped``
+    ======================================================  =================================================
+
+What does not carry over exactly
+    * Tokenisation of the prompt: LISA tokenises the text around ``<image>`` chunk-wise (``tokenizer_image_token``,
+      slow LLaMA tokenizer) and splices 256 CLIP features in place of the ``-200`` image id; here the processor
+      expands ``<image>`` into 256 placeholder ids (a token appended to LISA's vocabulary) inside
+      ``<im_start>...<im_end>``. The hidden states align with ``input_ids`` 1:1, so no 255-pad is needed, but
+      whitespace tokens next to ``<image>`` may differ from LISA's, which can shift outputs slightly.
+    * The chat template is LLaVA v1's (``llava_v1``: system line, ``USER:``/``ASSISTANT:``, ``</s>`` after answers)
+      written as a Jinja template; LISA's ``chat.py`` builds the same text with its conversation class.
+    * Vision features use CLIP layer ``mm_vision_select_layer`` (-2) without the CLS token, as LISA's
+      ``CLIPVisionTower`` (``select_feature="patch"``) = transformers' ``vision_feature_select_strategy="default"``.
+    * Loading needs the real weights locally (about 15 GB for 7B in bf16, plus SAM ViT-H and CLIP ViT-L/14);
+      released ``pytorch_model*.bin`` shards are read with ``torch.load(weights_only=True)``.
+    * LISA v1 checkpoints were trained on ReasonSeg train+val: never report val numbers with them (anchors §2.3).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llavaseg.errors import CheckpointMismatchError
+from llavaseg.models.sam import FrozenSAM
+from llavaseg.seg_token.model import SegTokenConfig, SegTokenModel, add_seg_token, text_hidden_fcs
+from llavaseg.seg_token.prompts import SEG_TOKEN
+
+IM_START, IM_END, IMAGE = "<im_start>", "<im_end>", "<image>"
+
+LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def llava_v1_chat_template(use_im_start_end: bool) -> str:
+    """LLaVA v1's ``llava_v1`` conversation (sep " ", sep2 "</s>") as a chat template for ``LlavaProcessor``."""
+    image = f"{IM_START}{IMAGE}{IM_END}\n" if use_im_start_end else f"{IMAGE}\n"
+    return (
+        LLAVA_V1_SYSTEM + " "
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER: "
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image + "{% endif %}{% endfor %}"
+        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+        "{% else %}ASSISTANT: "
+        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+        "</s>"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+@dataclass
+class LisaKeyMapping:
+    """A LISA state dict sorted into what goes where (see the module docstring's table)."""
+
+    llava: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_hidden_fcs: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask_decoder: dict[str, torch.Tensor] = field(default_factory=dict)
+    frozen_sam: dict[str, torch.Tensor] = field(default_factory=dict)  # image_encoder.* / prompt_encoder.*
+    projector: str = "none"  # "linear" (LLaVA v1), "mlp2x_gelu" (LLaVA-1.5 based) or "none"
+    has_vision_tower: bool = False
+    unmapped: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+
+_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^model\.(embed_tokens\..+)$"), "llava:model.language_model.{0}"),
+    (re.compile(r"^model\.(layers\.\d+\..+)$"), "llava:model.language_model.{0}"),
+    (re.compile(r"^model\.(norm\..+)$"), "llava:model.language_model.{0}"),
+    (re.compile(r"^(lm_head\..+)$"), "llava:{0}"),
+    (re.compile(r"^model\.mm_projector\.(weight|bias)$"), "llava:model.multi_modal_projector.linear_1.{0}"),
+    (re.compile(r"^model\.mm_projector\.0\.(weight|bias)$"), "llava:model.multi_modal_projector.linear_1.{0}"),
+    (re.compile(r"^model\.mm_projector\.2\.(weight|bias)$"), "llava:model.multi_modal_projector.linear_2.{0}"),
+    (re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\.(.+)$"), "llava:model.vision_tower.{0}"),
+    (re.compile(r"^model\.text_hidden_fcs\.0\.(\d+\.(?:weight|bias))$"), "fcs:{0}"),
+    (re.compile(r"^model\.visual_model\.mask_decoder\.(.+)$"), "decoder:{0}"),
+    (re.compile(r"^model\.visual_model\.((?:image_encoder|prompt_encoder)\..+)$"), "sam:{0}"),
+]
+
+
+def map_lisa_state_dict(state: dict[str, torch.Tensor]) -> LisaKeyMapping:
+    """Sort LISA checkpoint tensors by destination; nothing is dropped silently (see ``unmapped``)."""
+    mapping = LisaKeyMapping()
+    for key, tensor in state.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            mapping.unmapped[key] = "recomputed buffer"
+            continue
+        for pattern, target in _RULES:
+            match = pattern.match(key)
+            if match is None:
+                continue
+            kind, template = target.split(":", 1)
+            name = template.format(*match.groups())
+            {"llava": mapping.llava, "fcs": mapping.text_hidden_fcs, "decoder": mapping.mask_decoder,
+             "sam": mapping.frozen_sam}[kind][name] = tensor
+            break
+        else:
+            mapping.unmapped[key] = "no counterpart in transformers' LLaVA or this route"
+    if "model.mm_projector.weight" in state:
+        mapping.projector = "linear"
+        hidden = state["model.mm_projector.weight"].shape[0]
+        mapping.llava["model.multi_modal_projector.linear_2.weight"] = torch.eye(
+            hidden, dtype=state["model.mm_projector.weight"].dtype)
+        mapping.llava["model.multi_modal_projector.linear_2.bias"] = torch.zeros(
+            hidden, dtype=state["model.mm_projector.weight"].dtype)
+    elif "model.mm_projector.0.weight" in state:
+        mapping.projector = "mlp2x_gelu"
+    mapping.has_vision_tower = any(k.startswith("model.vision_tower.") for k in mapping.llava)
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_lisa_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF-format directory: ``*.safetensors`` (preferred) or ``pytorch_model*.bin``."""
+    from safetensors.torch import load_file
+
+    shards = sorted(directory.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    if shards:
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        return state
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not bins:
+        raise CheckpointMismatchError(f"{directory} holds no *.safetensors or pytorch_model*.bin weights")
+    for shard in bins:
+        try:
+            part = torch.load(str(shard), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointMismatchError(f"cannot read {shard}: {type(exc).__name__}") from None
+        state.update(part)
+    return state
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointMismatchError(f"{directory} is not a LISA checkpoint directory (no config.json)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in config]
+    if missing or "out_dim" not in config:
+        raise CheckpointMismatchError(f"{path} is not a LISA config (missing {', '.join(missing or ['out_dim'])})")
+    return config
+
+
+def _check_frozen_sam(mapping: LisaKeyMapping, sam: FrozenSAM, directory: Path) -> None:
+    reference = sam.sam.state_dict()
+    for key, tensor in mapping.frozen_sam.items():
+        if key not in reference or reference[key].shape != tensor.shape or not torch.equal(
+                reference[key].to(tensor.dtype).cpu(), tensor.cpu()):
+            raise CheckpointMismatchError(
+                f"{directory}: LISA's frozen SAM tensor {key} differs from the shared SAM {sam.name}; "
+                "load the SAM LISA was trained with (sam_vit_h_4b8939.pth)")
+
+
+def _identity(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, str]:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    weights = hashlib.blake2b(digest_size=8)
+    for _, tensor in sorted(state.items())[:4]:
+        weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    return {"name": f"lisa:{directory}", "config": hashlib.blake2b(blob, digest_size=8).hexdigest(),
+            "weights": weights.hexdigest()}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: FrozenSAM, *,
+                         dtype: torch.dtype = torch.float32) -> SegTokenModel:
+    """Build a :class:`SegTokenModel` (no LoRA: LISA's is merged) from a LISA release directory.
+
+    ``vision_tower`` is a local CLIP vision directory (``openai/clip-vit-large-patch14`` for LISA v1) with its
+    image processor; ``sam`` must be the SAM LISA was trained with (its frozen encoder is shared, not loaded).
+    """
+    from accelerate import init_empty_weights
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    directory = Path(directory).expanduser()
+    config = _read_config(directory)
+    state = read_lisa_state_dict(directory)
+    mapping = map_lisa_state_dict(state)
+    if config["out_dim"] != sam.prompt_dim:
+        raise CheckpointMismatchError(f"{directory}: out_dim {config['out_dim']} but SAM prompts are {sam.prompt_dim}-d")
+    if mapping.projector == "none" or not mapping.text_hidden_fcs or not mapping.mask_decoder:
+        raise CheckpointMismatchError(f"{directory}: not a LISA checkpoint (projector, text_hidden_fcs or "
+                                      "visual_model.mask_decoder missing)")
+    _check_frozen_sam(mapping, sam, directory)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token  # LISA: pad = unk
+    seg_id = add_seg_token(tokenizer)
+    lisa_vocab = config["vocab_size"]
+    if len(tokenizer) != lisa_vocab:
+        raise CheckpointMismatchError(f"{directory}: tokenizer has {len(tokenizer)} tokens, weights {lisa_vocab}")
+    tokenizer.add_tokens([IMAGE], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    use_start_end = bool(config.get("mm_use_im_start_end", True))
+
+    clip = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=dtype)
+    image_processor = CLIPImageProcessor.from_pretrained(str(vision_tower))
+    vision_config = clip.config
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
+        intermediate_size=config.get("intermediate_size", 4 * config["hidden_size"]),
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=config.get("max_position_embeddings", config.get("max_sequence_length", 2048)),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    grid = vision_config.image_size // vision_config.patch_size
+    llava_config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_id,
+        image_seq_length=grid * grid, vision_feature_select_strategy="default",
+        vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
+        projector_hidden_act="linear" if mapping.projector == "linear" else "gelu", multimodal_projector_bias=True)
+
+    llava_state = {key: value.to(dtype) for key, value in mapping.llava.items()}
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if key not in llava_state:
+            raise CheckpointMismatchError(f"{directory}: missing LISA tensor for {key}")
+        rows = llava_state[key]
+        # The <image> row is never read (its embedding is overwritten by image features; it is never a target).
+        llava_state[key] = torch.cat([rows, rows.mean(0, keepdim=True)])
+    if not mapping.has_vision_tower:
+        llava_state.update({f"model.vision_tower.{k}": v for k, v in clip.state_dict().items()})
+    with init_empty_weights():
+        llava = LlavaForConditionalGeneration(llava_config)
+    expected = llava.state_dict()
+    missing = sorted(set(expected) - set(llava_state))
+    unexpected = sorted(set(llava_state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(llava_state) if expected[k].shape != llava_state[k].shape)
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise CheckpointMismatchError(f"{directory}: LISA weights do not fill transformers' LLaVA: {len(missing)} "
+                                      f"missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped (e.g. {first})")
+    llava.load_state_dict(llava_state, assign=True, strict=True)
+    llava = llava.to(dtype).eval()
+    llava.generation_config.pad_token_id = tokenizer.pad_token_id
+    llava.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=llava_v1_chat_template(use_start_end), image_token=IMAGE)
+    hidden = config["hidden_size"]
+    mlp = text_hidden_fcs(hidden, config["out_dim"])
+    mlp.load_state_dict(mapping.text_hidden_fcs)
+    decoder = copy.deepcopy(sam.sam.mask_decoder)
+    try:
+        decoder.load_state_dict(mapping.mask_decoder)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(f"{directory}: LISA mask decoder does not fit SAM {sam.name}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+    seg_config = SegTokenConfig(seg_token=SEG_TOKEN, seg_token_id=seg_id, base_vocab_size=seg_id,
+                                vocab_size=len(tokenizer), hidden_size=hidden, prompt_dim=config["out_dim"], lora=None,
+                                base_mllm=_identity(directory, config, state), sam=sam.identity(),
+                                source=f"lisa:{directory}")
+    model = SegTokenModel(llava, processor, mlp.to(dtype), decoder.to(dtype), sam, seg_config)
+    model.set_trainable()
+    return model.eval()
+
+
+def describe_mapping(mapping: LisaKeyMapping) -> dict[str, Any]:
+    """Counts per destination (for logs and reports)."""
+    return {"llava": len(mapping.llava), "text_hidden_fcs": len(mapping.text_hidden_fcs),
+            "mask_decoder": len(mapping.mask_decoder), "frozen_sam_checked": len(mapping.frozen_sam),
+            "projector": mapping.projector, "vision_tower_in_checkpoint": mapping.has_vision_tower,
+            "unmapped": dict(mapping.unmapped)}
+
+
+__all__ = ["LisaKeyMapping", "map_lisa_state_dict", "read_lisa_state_dict", "load_lisa_checkpoint",
+           "llava_v1_chat_template", "describe_mapping"]
