@@ -1,0 +1,162 @@
+"""``llavaseg-bench``: score every route on the same data with the shared evaluator.
+
+    llavaseg-bench reasonseg [--data DIR] [--split val|test|train] [--routes R1,R2] [--preset NAME]
+                             [--limit N] [--out DIR] [--first-text-only] [--batch-size N]
+                             [--prompts DIR] [--dialogue FILE | --no-dialogue] [--device DEV]
+    llavaseg-bench refcoco --data ROOT [--dataset refcoco|refcoco+|refcocog] [--split-by unc|umd]
+                           [--split val[,testA,...]] [--image-dir DIR] [same common flags]
+
+Results go to ``--out``: ``run.json`` (the run's identity), ``queries-<route>.jsonl`` (one line per scored
+query, appended as it finishes), ``dialogue-<model>.jsonl``, ``results.json``, ``results.csv`` and
+``overlays.png``. Re-running the same command resumes: queries already scored are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+from llavaseg.cli.common import add_device_argument, check_device, run_guarded
+from llavaseg.errors import InputError
+
+PROG = "llavaseg-bench"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--routes", help="comma-separated routes (default: llavaseg, llavaseg-noattr and every "
+                                         "other registered route that can be built for the preset)")
+    parser.add_argument("--preset", default="tiny-world", help="model preset (default tiny-world; 'tiny' = random "
+                                                               "weights for plumbing checks)")
+    parser.add_argument("--limit", type=int, help="score only the first N queries (dialogue: first N images)")
+    parser.add_argument("--out", type=Path, help="results folder (re-use it to resume)")
+    parser.add_argument("--batch-size", type=int, default=8, help="queries per route call (default 8)")
+    parser.add_argument("--prompts", type=Path, help="folder with your own prompt templates")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run `llavaseg-bench <command> --help` for a command's options.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{reasonseg,refcoco}")
+    reason = commands.add_parser("reasonseg", help="ReasonSeg-format data (default: the embedded tiny world)")
+    reason.add_argument("--data", type=Path, help="ReasonSeg root (default: the tiny world, generated once)")
+    reason.add_argument("--split", default="val", choices=["val", "test", "train"])
+    reason.add_argument("--first-text-only", action="store_true",
+                        help="LISA-compatible: score only the first text of each image")
+    dialogue = reason.add_mutually_exclusive_group()
+    dialogue.add_argument("--dialogue", type=Path, help="JSONL of {image, question, answer} for dialogue "
+                                                        "preservation (default: <split>/dialogue.jsonl if present)")
+    dialogue.add_argument("--no-dialogue", action="store_true", help="skip the dialogue-preservation probe")
+    _common(reason)
+    refer = commands.add_parser("refcoco", help="refer-layout RefCOCO / RefCOCO+ / RefCOCOg")
+    refer.add_argument("--data", type=Path, required=True, help="refer root (holding refcoco/, refcoco+/, ...)")
+    refer.add_argument("--dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog", "refclef"])
+    refer.add_argument("--split-by", default="unc", help="unc (refcoco, refcoco+), umd or google (refcocog)")
+    refer.add_argument("--split", default="val", help="val, testA, testB, test; comma-separate several")
+    refer.add_argument("--image-dir", type=Path, help="COCO train2014 images (default: refer's layout)")
+    refer.add_argument("--dialogue", type=Path, help="optional dialogue JSONL (none by default)")
+    _common(refer)
+    return parser
+
+
+def _validate_common(args: argparse.Namespace) -> list[str] | None:
+    from llavaseg.models.presets import PRESETS
+    from llavaseg.routes.registry import ROUTES
+
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    routes = None
+    if args.routes is not None:
+        routes = [name.strip() for name in args.routes.split(",") if name.strip()]
+        if not routes:
+            raise InputError("--routes is empty")
+        for name in routes:
+            if name not in ROUTES:
+                raise InputError(f"unknown route {name!r}; available: {', '.join(ROUTES)}")
+    if args.prompts is not None and not args.prompts.is_dir():
+        raise InputError(f"prompt folder {args.prompts} does not exist")
+    args.device = check_device(args.device)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    return routes
+
+
+def _reasonseg(args: argparse.Namespace) -> int:
+    from llavaseg.bench.runner import BenchSettings, run_benchmark
+    from llavaseg.data.reasonseg import ReasonSegDataset
+
+    routes = _validate_common(args)
+    if args.data is None:
+        from llavaseg.tinyworld.generate import default_tinyworld_root
+
+        data = default_tinyworld_root()
+    else:
+        data = args.data.expanduser()
+        if not data.exists():
+            raise InputError(f"--data {data} does not exist")
+    dataset = ReasonSegDataset(data, args.split, first_text_only=args.first_text_only)
+    queries = list(itertools.islice(dataset.queries(), args.limit))
+    dialogue = None
+    if not args.no_dialogue:
+        dialogue = args.dialogue
+        if dialogue is None and (dataset.split_dir / "dialogue.jsonl").is_file():
+            dialogue = dataset.split_dir / "dialogue.jsonl"
+    settings = BenchSettings(
+        benchmark="reasonseg", preset=args.preset, out_dir=args.out or Path("runs") / f"reasonseg-{args.preset}-{args.split}",
+        data=str(Path(data).resolve()), split=args.split, routes=routes, device=args.device,
+        batch_size=args.batch_size, limit=args.limit, prompts_dir=args.prompts,
+        first_text_only=args.first_text_only, dialogue=dialogue,
+    )
+    run_benchmark(settings, queries)
+    return 0
+
+
+def _refcoco(args: argparse.Namespace) -> int:
+    from llavaseg.bench.runner import BenchSettings, run_benchmark
+    from llavaseg.data.refcoco import RefCocoDataset
+
+    routes = _validate_common(args)
+    splits = list(dict.fromkeys(s.strip() for s in args.split.split(",") if s.strip()))
+    if not splits:
+        raise InputError("--split is empty")
+    if not args.data.exists():
+        raise InputError(f"--data {args.data} does not exist")
+    queries, groups = [], {}
+    for split in splits:
+        dataset = RefCocoDataset(args.data, args.dataset, args.split_by, split, image_dir=args.image_dir)
+        for query in dataset.queries():
+            queries.append(query)
+            groups[query.query_id] = split
+    queries = queries[: args.limit] if args.limit is not None else queries
+    groups = {q.query_id: groups[q.query_id] for q in queries}
+    split_label = ",".join(splits)
+    out = args.out or Path("runs") / f"refcoco-{args.dataset}-{args.split_by}-{'_'.join(splits)}-{args.preset}"
+    settings = BenchSettings(
+        benchmark="refcoco", preset=args.preset, out_dir=out, data=str(args.data.resolve()), split=split_label,
+        routes=routes, device=args.device, batch_size=args.batch_size, limit=args.limit, prompts_dir=args.prompts,
+        dialogue=args.dialogue,
+        extra={"dataset": args.dataset, "split_by": args.split_by,
+               "image_dir": str(args.image_dir.resolve()) if args.image_dir else ""},
+    )
+    run_benchmark(settings, queries, groups=groups)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    action = _reasonseg if args.command == "reasonseg" else _refcoco
+    return run_guarded(PROG, lambda: action(args),
+                       interrupted_hint="finished queries are saved; re-run the same command to resume")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
