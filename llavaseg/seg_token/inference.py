@@ -143,13 +143,19 @@ class SegPrediction:
 
 @torch.inference_mode()
 def predict(model: SegTokenModel, images: list[np.ndarray], queries: list[str], *,
-            protocol: Protocol = "generate", style: QueryStyle = "auto", max_new_tokens: int = 32
+            protocol: Protocol = "generate", style: QueryStyle | list[QueryStyle] = "auto", max_new_tokens: int = 32
             ) -> list[SegPrediction]:
-    """Masks for a batch of (image, query) pairs with one of LISA's two protocols."""
+    """Masks for a batch of (image, query) pairs with one of LISA's two protocols.
+
+    ``style`` picks LISA's phrase (``short``) or sentence (``long``) template, per batch or per query (evaluation
+    passes the data set's ``is_sentence`` flags, as LISA's ``ValDataset`` does)."""
+    styles = list(style) if isinstance(style, (list, tuple)) else [style] * len(queries)
+    if len(styles) != len(queries):
+        raise ValueError(f"{len(styles)} query styles for {len(queries)} queries")
     was_training = model.training
     model.eval()
     try:
-        user_texts = [request_text(query, style) for query in queries]
+        user_texts = [request_text(query, s) for query, s in zip(queries, styles)]
         if protocol == "teacher-forced":
             passes = teacher_forced_pass(model, images, user_texts)
         elif protocol == "generate":

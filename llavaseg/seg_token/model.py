@@ -259,10 +259,14 @@ def create_seg_token_model(mllm: FrozenMLLM, sam: FrozenSAM, *, lora: LoraSettin
     llava.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     llm: nn.Module = llava
     if lora is not None:
+        import warnings
+
         from peft import LoraConfig, get_peft_model
 
-        llm = get_peft_model(llava, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=lora.target_modules, bias="none"))
+        with warnings.catch_warnings():  # peft probes a transformers attribute deprecated in v5 (FutureWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            llm = get_peft_model(llava, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                   target_modules=lora.target_modules, bias="none"))
         _check_lora_targets(llm)
     hidden = llava.config.get_text_config().hidden_size
     mlp = text_hidden_fcs(hidden, sam.prompt_dim).to(mllm.device)

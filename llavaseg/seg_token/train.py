@@ -148,15 +148,16 @@ def make_optimizer(model: SegTokenModel, lr: float = 3e-4) -> torch.optim.AdamW:
                              weight_decay=0.0)
 
 
-def warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+def warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, last_epoch: int = -1
                  ) -> torch.optim.lr_scheduler.LambdaLR:
-    """DeepSpeed ``WarmupDecayLR`` (linear warm-up from 0, then linear decay to 0 at ``total_steps``)."""
+    """DeepSpeed ``WarmupDecayLR`` (linear warm-up from 0, then linear decay to 0 at ``total_steps``);
+    ``last_epoch`` as in torch (``step - 1`` when resuming an optimiser whose state was restored)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(warmup_steps, 1)
         return max(0.0, (total_steps - step) / max(total_steps - warmup_steps, 1))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)
 
 
 def seg_token_train_step(model: SegTokenModel, batch: SegTokenBatch, optimizer: torch.optim.Optimizer, *,
