@@ -28,6 +28,7 @@ class BenchRecord(QueryRecord):
     answer: str | None = None
     score: float | None = None
     seconds: float = 0.0
+    timings: dict[str, float] = {}
     mask: dict[str, Any] | None = None
 
     def predicted_mask(self) -> np.ndarray | None:
@@ -45,7 +46,7 @@ def record_from_result(route: str, query, gt: np.ndarray, result: SegmentationRe
     return BenchRecord(
         **scored.model_dump(), route=route, text=query.text, description=result.description,
         attributes=dict(result.attributes.items()), attribute_parse=result.attribute_parse, answer=result.answer,
-        score=float(result.score), seconds=seconds, mask=encode_mask(result.mask),
+        score=float(result.score), seconds=seconds, timings=dict(result.timings), mask=encode_mask(result.mask),
     )
 
 

@@ -157,6 +157,10 @@ def _score_batch(name: str, route, batch: list) -> list[BenchRecord]:
 def run_route(name: str, route, queries: list, store: Path, batch_size: int) -> tuple[list[BenchRecord], int]:
     """Score every query of ``queries`` with ``route``, reusing ``store``; returns (records, n_resumed)."""
     done = {record.query_id: record for record in read_jsonl(store, BenchRecord)}
+    for query in queries:
+        if query.query_id in done and done[query.query_id].text != query.text:
+            raise InputError(f"{store}: query {query.query_id} was scored with another text "
+                             f"({done[query.query_id].text!r}); the data changed, use a new --out")
     resumed = sum(query.query_id in done for query in queries)
     pending = [query for query in queries if query.query_id not in done]
     with tqdm(total=len(pending), desc=name, unit="q", file=sys.stderr) as bar:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 from llavaseg.cli.common import add_device_argument, check_device, run_guarded
@@ -63,11 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate_common(args: argparse.Namespace) -> list[str] | None:
+    from llavaseg.bench.runner import check_preset_files
     from llavaseg.models.presets import PRESETS
     from llavaseg.routes.registry import ROUTES
 
     if args.preset not in PRESETS:
         raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")
+    check_preset_files(PRESETS[args.preset])  # before generating data or loading anything
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
@@ -110,6 +113,9 @@ def _reasonseg(args: argparse.Namespace) -> int:
         dialogue = args.dialogue
         if dialogue is None and (dataset.split_dir / "dialogue.jsonl").is_file():
             dialogue = dataset.split_dir / "dialogue.jsonl"
+        if dialogue is None:
+            print(f"note: no {dataset.split_dir / 'dialogue.jsonl'}; dialogue preservation is skipped "
+                  "(pass --dialogue FILE to measure it)", file=sys.stderr)
     settings = BenchSettings(
         benchmark="reasonseg", preset=args.preset, out_dir=args.out or Path("runs") / f"reasonseg-{args.preset}-{args.split}",
         data=str(Path(data).resolve()), split=args.split, routes=routes, device=args.device,
