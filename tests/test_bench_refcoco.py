@@ -68,7 +68,8 @@ def refer_root(tmp_path_factory) -> Path:
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in (1, 2):
-        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(images / f"COCO_train2014_00000000000{i}.jpg")
+        pixels = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"COCO_train2014_00000000000{i}.jpg")
     return root
 
 

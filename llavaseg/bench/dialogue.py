@@ -181,7 +181,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _answer_chunk(answer_fn: AnswerFn, images: list[np.ndarray], questions: list[str]) -> list[tuple[str | None, str | None, float]]:
+Outcome = tuple[str | None, str | None, float]
+
+
+def _answer_chunk(answer_fn: AnswerFn, images: list[np.ndarray], questions: list[str]) -> list[Outcome]:
     """``(answer, error, seconds)`` per question; a failing batch is retried item by item to isolate errors."""
     start = time.perf_counter()
     try:
@@ -192,7 +195,7 @@ def _answer_chunk(answer_fn: AnswerFn, images: list[np.ndarray], questions: list
         return [(str(a), None, per) for a in answers]
     except Exception:  # noqa: BLE001 - isolate the failing item(s) below
         pass
-    out: list[tuple[str | None, str | None, float]] = []
+    out: list[Outcome] = []
     for image, question in zip(images, questions):
         start = time.perf_counter()
         try:

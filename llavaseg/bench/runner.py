@@ -13,6 +13,7 @@ model loading once.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import resource
 import sys
@@ -185,7 +186,8 @@ def check_preset_files(preset) -> None:
             missing.append(str(package_path(source)))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise InputError(f"preset {preset.name!r} needs shipped weights missing from this install ({missing[0]}{more}); "
+        raise InputError(f"preset {preset.name!r} needs shipped weights missing from this install "
+                         f"({missing[0]}{more}); "
                          "use --preset tiny (random weights: plumbing only, meaningless scores)")
 
 
@@ -205,10 +207,9 @@ def shared_components(preset_name: str, device: str):
 
 
 def _models_fingerprint(parts) -> str:
+    """Identity of the frozen models, the adapters and the generation length: results depend on all of them."""
     adapters = parts.adapters
     params = sorted((k, v.detach().float().cpu().numpy().tobytes()[:4096]) for k, v in adapters.state_dict().items())
-    import hashlib
-
     digest = hashlib.sha256()
     for key, blob in params:
         digest.update(key.encode())

@@ -117,7 +117,8 @@ def _reasonseg(args: argparse.Namespace) -> int:
             print(f"note: no {dataset.split_dir / 'dialogue.jsonl'}; dialogue preservation is skipped "
                   "(pass --dialogue FILE to measure it)", file=sys.stderr)
     settings = BenchSettings(
-        benchmark="reasonseg", preset=args.preset, out_dir=args.out or Path("runs") / f"reasonseg-{args.preset}-{args.split}",
+        benchmark="reasonseg", preset=args.preset,
+        out_dir=args.out or Path("runs") / f"reasonseg-{args.preset}-{args.split}",
         data=str(Path(data).resolve()), split=args.split, routes=routes, device=args.device,
         batch_size=args.batch_size, limit=args.limit, prompts_dir=args.prompts,
         first_text_only=args.first_text_only, dialogue=dialogue,
