@@ -277,3 +277,15 @@ def test_route_returns_segmentation_results_at_image_size(base, model):
     dialogue = route.dialogue_model()
     assert isinstance(dialogue, FrozenMLLM) and dialogue.model is not mllm.model
     assert "[SEG]" in dialogue.tokenizer.get_vocab()
+
+
+def test_segmenter_switches_to_the_seg_token_route_without_touching_shared_models():
+    from llavaseg.segmenter import Segmenter
+
+    segmenter = Segmenter.from_preset("tiny")
+    shared = {k: v.clone() for k, v in segmenter.mllm.model.state_dict().items()}
+    seg = segmenter.with_route("seg-token", teacher_forced=True)
+    result = seg(np.zeros((50, 70, 3), np.uint8), "the red circle")
+    assert result.mask.shape == (50, 70) and result.raw_outputs["protocol"] == "teacher-forced"
+    assert seg.route.model.llava is not segmenter.mllm.model and seg.mllm is segmenter.mllm
+    assert all(torch.equal(v, segmenter.mllm.model.state_dict()[k]) for k, v in shared.items())
