@@ -1,6 +1,6 @@
 """Speed and memory benchmark of the frozen pipeline; writes benchmarks/results/speed-<preset>.json.
 
-    python benchmarks/speed.py [--preset tiny-world] [--quick]
+    python benchmarks/speed.py [--preset tiny-world] [--quick]      (same as: llavaseg-bench speed --out FILE)
 """
 
 from __future__ import annotations

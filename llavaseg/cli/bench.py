@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run `llavaseg-bench <command> --help` for a command's options.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{reasonseg,refcoco}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{reasonseg,refcoco,speed}")
     reason = commands.add_parser("reasonseg", help="ReasonSeg-format data (default: the embedded tiny world)")
     reason.add_argument("--data", type=Path, help="ReasonSeg root (default: the tiny world, generated once)")
     reason.add_argument("--split", default="val", choices=["val", "test", "train"])
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     refer.add_argument("--image-dir", type=Path, help="COCO train2014 images (default: refer's layout)")
     refer.add_argument("--dialogue", type=Path, help="optional dialogue JSONL (none by default)")
     _common(refer)
+    speed = commands.add_parser("speed", help="per-stage timings and reuse ratios (see benchmarks/speed.py)")
+    speed.add_argument("--preset", default="tiny-world", help="preset whose models are timed (default tiny-world)")
+    speed.add_argument("--quick", action="store_true", help="skip the SAM ViT-B (1024 px) measurements")
+    speed.add_argument("--repeats", type=int, default=2, help="best-of repeats per timing (default 2)")
+    speed.add_argument("--out", type=Path, help="write the report JSON here")
     return parser
 
 
@@ -158,9 +163,27 @@ def _refcoco(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace) -> int:
+    from llavaseg.bench.runner import check_preset_files
+    from llavaseg.models.presets import PRESETS
+    from llavaseg.speed import format_report, run_speed
+
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")
+    check_preset_files(PRESETS[args.preset])
+    report = run_speed(args.preset, full=not args.quick, repeats=max(1, args.repeats))
+    print(format_report(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(report.model_dump_json(indent=2))
+        tmp.replace(args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    action = _reasonseg if args.command == "reasonseg" else _refcoco
+    action = {"reasonseg": _reasonseg, "refcoco": _refcoco, "speed": _speed}[args.command]
     return run_guarded(PROG, lambda: action(args),
                        interrupted_hint="finished queries are saved; re-run the same command to resume")
 
