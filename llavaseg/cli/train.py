@@ -3,6 +3,10 @@
     llavaseg-train --preset tiny-world --data DIR --steps 2000 --out adapters/tiny-world
     llavaseg-train --config run.json [--steps 500 ...]      (command-line flags override the file)
 
+A JSON config can also train on a mixture of datasets with LISA-style sampling rates, e.g.
+``{"mixture": [{"kind": "reasonseg", "path": "ReasonSeg", "rate": 1}, {"kind": "refcoco", "path": "refer_seg",
+"rate": 3}], "val_data": "ReasonSeg"}``.
+
 The first run builds the feature cache (frozen MLLM stage outputs, SAM features, text embeddings; resumable),
 then trains; rerunning the same command resumes from the last checkpoint. Input errors (missing data, a cache
 or checkpoint made for other models) are printed as one line and exit with status 2.
