@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     """Everything that determines the trained weights (recorded next to them)."""
 
     spec: str = SPEC_NAME
-    steps: int = 3000
+    steps: int = 500  # the shipped weights: val oracle-box mIoU 0.973 (0.93 already at step 300 of a longer run)
     seed: int = 0
     data_seed: int = 0
     images_per_step: int = 8
