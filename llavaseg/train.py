@@ -545,6 +545,8 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
     # --- loop
     from tqdm.auto import tqdm
 
+    if start_step == 0 and val_samples:
+        validate(0)  # the untrained baseline, so every card shows what training bought
     adapters.train()
     train_start = time.perf_counter()
     step = start_step
@@ -630,6 +632,7 @@ def _fmt(value: Any) -> str:
 
 def _readme(card: dict[str, Any]) -> str:
     val = card["val"]
+    untrained = next((p for p in card["val_history"] if p["step"] == 0), {})
     first, last = (card["loss_curve"][0] if card["loss_curve"] else None), card["final_loss"]
     return (
         f"# Adapters `{card['name']}`\n\n"
@@ -645,6 +648,8 @@ def _readme(card: dict[str, Any]) -> str:
         f"{last['loss'] if last else float('nan'):.4f} (step {last['step'] if last else 0})\n"
         f"- val ({val['split']}, {val['n_queries']} queries, first text per image): gIoU {_fmt(val.get('giou'))}, "
         f"cIoU {_fmt(val.get('ciou'))}; description only: gIoU {_fmt(val.get('giou_description_only'))}, "
-        f"cIoU {_fmt(val.get('ciou_description_only'))} (cached frozen features, LISA metrics, %)\n\n"
+        f"cIoU {_fmt(val.get('ciou_description_only'))} (cached frozen features, LISA metrics, %)\n"
+        f"- untrained (step 0) adapters on the same val: gIoU {_fmt(untrained.get('giou'))}, "
+        f"cIoU {_fmt(untrained.get('ciou'))}\n\n"
         "Full details (config, frozen model identities, loss curve, validation history) are in `card.json`.\n"
     )

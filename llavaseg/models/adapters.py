@@ -140,6 +140,7 @@ class MultiScaleAdapters(nn.Module):
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; shipped adapters must be readable by every user
     os.replace(tmp, path)
 
 

@@ -309,7 +309,7 @@ def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 2, log_every: int 
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, elapsed, loss_ema = 0, 0.0, float("nan")
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=True)
         if ck["config"] == cfg.model_dump():
             sam.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optim"])
