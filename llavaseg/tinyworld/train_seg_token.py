@@ -351,4 +351,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from llavaseg.cli.common import run_guarded
+
+    raise SystemExit(run_guarded("python -m llavaseg.tinyworld.train_seg_token", main))
