@@ -1,0 +1,131 @@
+"""The shipped tiny-world MLLM: loads offline as a frozen transformers model and does both chain-of-thought stages.
+
+Also checks that the training encoding is the token layout ``FrozenMLLM`` feeds at inference, and that training
+is deterministic and resumable (tiny configs, a few seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llavaseg.attributes import parse_attributes
+from llavaseg.models.mllm import FrozenMLLM
+from llavaseg.prompting import PromptSet
+from llavaseg.tinyworld.generate import iter_scenes
+from llavaseg.tinyworld.mllm_recipe import (
+    IGNORE,
+    TINY_WORLD_MLLM_SPEC,
+    ChatEncoder,
+    dialogue_turns,
+    format_attributes,
+    pixel_values,
+    reason_turns,
+)
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "llavaseg" / "tinyworld" / "weights"
+MLLM_DIR = WEIGHTS / "mllm"
+
+
+@pytest.fixture(scope="module")
+def mllm() -> FrozenMLLM:
+    if not (MLLM_DIR / "config.json").is_file():
+        pytest.fail(f"shipped tiny-world MLLM missing at {MLLM_DIR}")
+    return FrozenMLLM.from_pretrained(MLLM_DIR, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptSet:
+    return PromptSet.load()
+
+
+def val_queries(count: int) -> list[tuple[np.ndarray, object]]:
+    """The first ``count`` val-split queries, generated now (held out from training)."""
+    out = []
+    for _, image, queries, _ in iter_scenes("val", seed=0, count=20):
+        out += [(np.asarray(image), q) for q in queries]
+        if len(out) >= count:
+            break
+    return out[:count]
+
+
+def test_loads_frozen_small_and_offline(mllm: FrozenMLLM) -> None:
+    assert all(not p.requires_grad for p in mllm.model.parameters())
+    assert not mllm.model.training
+    assert type(mllm.model).__name__ == "LlavaForConditionalGeneration"
+    assert mllm.processor.chat_template
+    size = sum(f.stat().st_size for f in MLLM_DIR.iterdir() if f.is_file())
+    assert size < 12 * 2**20
+
+
+def test_card_numbers_hold_on_a_fresh_measurement(mllm: FrozenMLLM, prompts: PromptSet) -> None:
+    """The card's val figures (whole split) and a re-measurement of the shipped files on its first 10 scenes.
+
+    Measured at release: stage-1 exact match 0.963 (the >= 0.9 target is met), attribute accuracy 0.716 (the
+    0.9 target is *not*: location is read correctly only 32 % of the time); these floors catch regressions such
+    as a broken chat template or mismatched processor, which drop both to ~0.
+    """
+    from llavaseg.tinyworld.mllm_recipe import evaluate_mllm
+
+    card = json.loads((WEIGHTS / "mllm_card.json").read_text())
+    assert card["val"]["queries"] > 200
+    assert card["val"]["stage1_exact_match"] >= 0.9
+    assert card["val"]["attribute_accuracy"] >= 0.7
+    fresh = evaluate_mllm(mllm, prompts, "val", 0, count=10)
+    assert fresh["stage1_exact_match"] >= 0.85
+    assert fresh["attribute_accuracy"] >= 0.6
+    assert fresh["attribute_key_value_parse_rate"] == 1.0
+
+
+def test_two_stage_chat_on_fresh_val_queries(mllm: FrozenMLLM, prompts: PromptSet) -> None:
+    batch = val_queries(10)
+    images = [image for image, _ in batch]
+    raw, state = mllm.begin(images, [prompts.render("reason", query=q.text) for _, q in batch])
+    follow = [prompts.render("attributes", description=d.strip(), query=q.text) for d, (_, q) in zip(raw, batch)]
+    answers = mllm.follow_up(state, follow)
+    stage1 = np.mean([d.strip() == q.description for d, (_, q) in zip(raw, batch)])
+    parsed = [parse_attributes(a) for a in answers]
+    colour = np.mean([p.attributes.color == q.attributes["color"] for p, (_, q) in zip(parsed, batch)])
+    assert stage1 >= 0.8, list(zip([q.text for _, q in batch], raw))
+    assert all(p.method == "key_value" for p in parsed), answers
+    assert colour >= 0.5, answers  # 0.6 measured on these 10 (0.75 over val); a broken chat drops it to ~0
+    # The same chat through ``converse`` (prompts fixed up front, batch of one reusing the KV cache) agrees.
+    image, q = batch[0]
+    again = mllm.converse([image], [[prompts.render("reason", query=q.text), follow[0]]])[0]
+    assert again == [raw[0].strip(), answers[0]]
+
+
+def test_training_encoding_matches_inference_layout(mllm: FrozenMLLM, prompts: PromptSet) -> None:
+    encoder = ChatEncoder(mllm.processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
+    (_, image, queries, dialogue), = list(iter_scenes("val", seed=0, count=1))
+    for turns in (reason_turns(prompts, queries[0]), dialogue_turns(dialogue)):
+        ids, labels = encoder.encode(turns)
+        full = mllm.processor(images=[image], text=[encoder.render(turns)], return_tensors="pt")
+        assert full["input_ids"][0].tolist() == ids
+        assert mllm.tokenizer.unk_token_id not in ids
+        # Loss falls exactly on each answer and its closing </s>.
+        supervised, segments = [t for t in labels if t != IGNORE], [[]]
+        for token in supervised:
+            segments[-1].append(token)
+            if token == mllm.tokenizer.eos_token_id:
+                segments.append([])
+        assert [mllm.tokenizer.decode(s[:-1]) for s in segments[:-1]] == [a for _, a in turns]
+        # Training pixels are the processor's own.
+        assert (pixel_values(mllm.processor, [np.asarray(image)]) == full["pixel_values"]).all()
+    assert parse_attributes(format_attributes(queries[0].attributes)).attributes.model_dump() == queries[0].attributes
+
+
+def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
+    from llavaseg.tinyworld.train_mllm import TrainConfig, train_mllm, weights_digest
+
+    config = TrainConfig(align_steps=2, align_batch=4, align_pool=8, tune_steps=2, tune_scenes=2, warmup=2, checkpoint_every=1,
+                         log_every=1)
+    quiet = lambda *_: None  # noqa: E731
+    straight, _, _ = train_mllm(config, tmp_path / "a", log=quiet)
+    train_mllm(config, tmp_path / "b", log=quiet, stop_after=3)  # "killed" after one tune step
+    resumed, _, record = train_mllm(config, tmp_path / "b", log=quiet)
+    assert record["stage"] == "done"
+    assert weights_digest(straight) == weights_digest(resumed)
