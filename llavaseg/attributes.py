@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-ParseMethod = Literal["json", "key_value", "prose", "none"]
+ParseMethod = Literal["json", "key_value", "prose", "none", "reference"]
+"""How attributes were read; ``reference`` = taken from ground-truth stage annotations (the oracle route)."""
 
 # Aliases an MLLM may use for the same attribute; keys are normalised to the right-hand names.
 KEY_ALIASES = {"colour": "color", "colours": "color", "colors": "color", "position": "location",

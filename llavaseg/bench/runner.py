@@ -297,7 +297,10 @@ def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, s
     check_run_config(out, config)
     write_run_config(out, config)
 
-    context = RouteContext(parts, prompts, preset=PRESETS[settings.preset], device=settings.device)
+    options: dict[str, object] = {}
+    if settings.benchmark == "reasonseg" and (Path(settings.data) / settings.split / "stages.jsonl").is_file():
+        options["reference_data"] = (settings.data, settings.split)  # enables route llavaseg-oracle
+    context = RouteContext(parts, prompts, preset=PRESETS[settings.preset], device=settings.device, options=options)
     routes: dict[str, object] = {}
     skipped: dict[str, str] = {}
     for name in requested:

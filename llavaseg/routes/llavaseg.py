@@ -10,11 +10,14 @@ Separately the MLLM answers the query as an ordinary chat turn: that answer is t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from pydantic import BaseModel
 
 from llavaseg.attributes import Attributes, ParseMethod, parse_attributes
+from llavaseg.errors import InputError
 from llavaseg.models.adapters import MultiScaleAdapters
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
@@ -56,6 +59,48 @@ def run_stages(mllm: FrozenMLLM, prompts: PromptSet, images: list[np.ndarray], q
             description=descriptions[index], attributes_prompt=attribute_prompts[index],
             attributes_output=raw, attributes=parsed.attributes, attribute_parse=parsed.method))
     return outputs
+
+
+class ReferenceStages:
+    """Ground-truth stage outputs of a ReasonSeg-format split (its ``stages.jsonl``), keyed by image and query.
+
+    Why: the oracle route feeds these to the text encoder, adapters and SAM in place of the MLLM's answers, so
+    a benchmark separates the two halves of the method: how well the frozen MLLM reasons (route ``llavaseg``)
+    and how well the adapters segment what a correct description names (route ``llavaseg-oracle``). Images are
+    matched by content hash, the same key every per-image cache uses, so the route's call signature is unchanged.
+    """
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        from llavaseg.cache import TeacherStages
+        from llavaseg.data.reasonseg import ReasonSegDataset
+        from llavaseg.images import image_digest
+
+        dataset = ReasonSegDataset(root, split)
+        teacher = TeacherStages.for_dataset(dataset)
+        self.records: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
+        digests: dict[str, str] = {}
+        for query in dataset.queries():
+            if query.sample_id not in digests:
+                digests[query.sample_id] = image_digest(query.load_image())
+            self.records[(digests[query.sample_id], query.text)] = teacher.lookup(query)
+        self.source = teacher.source
+
+    def stage_outputs(self, prompts: PromptSet, images: list[np.ndarray], queries: list[str]) -> list[StageOutputs]:
+        from llavaseg.images import image_digest
+
+        outputs = []
+        for image, query in zip(images, queries):
+            key = (image_digest(image), query)
+            if key not in self.records:
+                raise InputError(f"{self.source}: no ground-truth stages for query {query!r} on this image")
+            description, attributes = self.records[key]
+            attribute_text = " ; ".join(f"{k} : {v}" for k, v in attributes.items())
+            outputs.append(StageOutputs(
+                reason_prompt=prompts.render("reason", query=query), reason_output=description,
+                description=description,
+                attributes_prompt=prompts.render("attributes", description=description, query=query),
+                attributes_output=attribute_text, attributes=Attributes(**attributes), attribute_parse="reference"))
+        return outputs
 
 
 def text_phrases(description: str, attributes: Attributes, use_attributes: bool, max_tokens: int) -> list[str]:
@@ -114,7 +159,7 @@ class LLaVASegRoute:
 
     def __init__(self, mllm: FrozenMLLM, sam: FrozenSAM, text_encoder: FrozenTextEncoder,
                  adapters: MultiScaleAdapters, prompts: PromptSet, *, use_attributes: bool = True,
-                 with_answer: bool = True) -> None:
+                 with_answer: bool = True, reference: ReferenceStages | None = None) -> None:
         self.mllm = mllm
         self.sam = sam
         self.text_encoder = text_encoder
@@ -122,15 +167,21 @@ class LLaVASegRoute:
         self.prompts = prompts
         self.use_attributes = use_attributes
         self.with_answer = with_answer
+        self.reference = reference
         if not use_attributes:
             self.name = "llavaseg-noattr"
+        if reference is not None:
+            self.name = "llavaseg-oracle"
 
     def dialogue_model(self) -> FrozenMLLM:
         return self.mllm
 
     def __call__(self, images: list[np.ndarray], queries: list[str]) -> list[SegmentationResult]:
         timer = StageTimer()
-        stages = run_stages(self.mllm, self.prompts, images, queries, timer)
+        if self.reference is not None:
+            stages = self.reference.stage_outputs(self.prompts, images, queries)
+        else:
+            stages = run_stages(self.mllm, self.prompts, images, queries, timer)
         answers: list[str | None] = [None] * len(images)
         if self.with_answer:
             with timer.stage("mllm_answer"):
@@ -173,3 +224,17 @@ def build_without_attributes(context) -> LLaVASegRoute:
     parts = context.components
     return LLaVASegRoute(parts.mllm, parts.sam, parts.text_encoder, parts.adapters, context.prompts,
                          use_attributes=False, with_answer=context.with_answer)
+
+
+def build_with_reference_stages(context) -> LLaVASegRoute:
+    """The oracle: ground-truth description and attributes (``stages.jsonl``) instead of the MLLM's answers.
+
+    Needs ``context.options["reference_data"] = (root, split)`` of a split that has ``stages.jsonl`` (the
+    tiny world's do); ``llavaseg-bench reasonseg`` sets it. The chat answer still comes from the frozen MLLM.
+    """
+    reference = context.options.get("reference_data")
+    if reference is None:
+        raise InputError("route llavaseg-oracle needs a data split with ground-truth stages (stages.jsonl)")
+    parts = context.components
+    return LLaVASegRoute(parts.mllm, parts.sam, parts.text_encoder, parts.adapters, context.prompts,
+                         with_answer=context.with_answer, reference=ReferenceStages(*reference))

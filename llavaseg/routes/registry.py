@@ -19,6 +19,7 @@ from llavaseg.routes.base import Route
 ROUTES: dict[str, str] = {
     "llavaseg": "llavaseg.routes.llavaseg:build",
     "llavaseg-noattr": "llavaseg.routes.llavaseg:build_without_attributes",
+    "llavaseg-oracle": "llavaseg.routes.llavaseg:build_with_reference_stages",
     "seg-token": "llavaseg.routes.seg_token:build",
     "training-free": "llavaseg.routes.training_free:build",
 }
