@@ -54,14 +54,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def best_of(function: Callable[[], Any], repeats: int) -> float:
-    """Minimum wall time over ``repeats`` runs: the least noisy estimate on a shared machine."""
-    times = []
+def best_of_interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Minimum wall time of each of two functions over ``repeats`` alternating runs.
+
+    The minimum is the least noisy estimate on a shared machine; alternating means a change of load (another
+    job starting) hits both sides of a ratio instead of one.
+    """
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for function, bucket in zip((first, second), times):
+            start = time.perf_counter()
+            function()
+            bucket.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
 
 
 def _ratio(name: str, baseline: str, improved: str, baseline_s: float, improved_s: float, note: str = "") -> Ratio:
@@ -138,7 +143,7 @@ def measure_batching(segmenter, batch: int = 8, repeats: int = 2) -> Ratio:
         segmenter(images, queries)
 
     singles()  # warm-up
-    single_s, batch_s = best_of(singles, repeats), best_of(batched, repeats)
+    single_s, batch_s = best_of_interleaved(singles, batched, repeats)
     return _ratio("batching", f"{batch} single calls", f"one batch of {batch}", single_s, batch_s,
                   note="throughput ratio (queries per second, batch / single)")
 
@@ -158,8 +163,7 @@ def measure_sam_encoder(sam_type: str = "vit_b", repeats: int = 2) -> Ratio:
         with torch.no_grad():
             predictor.set_image(image)
 
-    upstream_s = best_of(upstream, repeats)
-    ours_s = best_of(ours, repeats)
+    upstream_s, ours_s = best_of_interleaved(upstream, ours, repeats)
     return _ratio("sam_encoder", "SamPredictor.set_image", "FrozenSAM.encode (with multi-scale levels)", upstream_s,
                   ours_s, note=f"{sam_type} at {sam.spec.image_size} px, random weights; ratio >= ~1 means no slower")
 
