@@ -95,3 +95,16 @@ def test_training_is_deterministic(tmp_path):
     assert files
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_identity_does_not_depend_on_where_the_weights_live(tmp_path):
+    """Adapters record the text encoder's identity; a moved checkout or an installed wheel must still match."""
+    import shutil
+
+    from llavaseg.models.text_encoder import FrozenTextEncoder
+
+    shipped = FrozenTextEncoder.create(f"local-dir:{WEIGHTS_DIR}").identity()
+    moved = shutil.copytree(WEIGHTS_DIR, tmp_path / "elsewhere" / WEIGHTS_DIR.name)
+    assert FrozenTextEncoder.create(f"local-dir:{moved}").identity() == shipped
+    renamed = shutil.copytree(WEIGHTS_DIR, tmp_path / "other-name")
+    assert FrozenTextEncoder.create(f"local-dir:{renamed}").identity()["weights"] == shipped["weights"]

@@ -129,3 +129,11 @@ def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
     resumed, _, record = train_mllm(config, tmp_path / "b", log=quiet)
     assert record["stage"] == "done"
     assert weights_digest(straight) == weights_digest(resumed)
+
+
+def test_identity_does_not_depend_on_where_the_model_lives(mllm: FrozenMLLM, tmp_path: Path) -> None:
+    """The feature cache and the shipped <SEG> model record this identity; copying the directory keeps it."""
+    import shutil
+
+    moved = shutil.copytree(MLLM_DIR, tmp_path / "elsewhere" / MLLM_DIR.name)
+    assert FrozenMLLM.from_pretrained(moved, local_files_only=True).identity() == mllm.identity()

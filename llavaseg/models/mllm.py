@@ -149,11 +149,15 @@ class FrozenMLLM:
     def identity(self) -> dict[str, str]:
         """What determines this model's outputs: used in cache keys and recorded with trained adapters."""
         config = self.model.config.to_dict()
+        for where in (config, *(v for v in config.values() if isinstance(v, dict))):
+            where.pop("_name_or_path", None)  # the load path, not a property of the model
         blob = json.dumps(config, sort_keys=True, default=str).encode()
         weights = hashlib.blake2b(digest_size=8)
         for _, tensor in sorted(self.model.state_dict().items())[:4]:
             weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-        return {"name": self.name, "config": hashlib.blake2b(blob, digest_size=8).hexdigest(),
+        # A local directory is named by its last component: moving a checkout must not invalidate caches.
+        name = Path(self.name).name if Path(self.name).is_dir() else self.name
+        return {"name": name, "config": hashlib.blake2b(blob, digest_size=8).hexdigest(),
                 "weights": weights.hexdigest()}
 
     # --------------------------------------------------------------------------------------------- prompting

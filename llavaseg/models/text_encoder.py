@@ -95,7 +95,10 @@ class FrozenTextEncoder:
             if "text" in key or "token_embedding" in key or "positional" in key:
                 digest.update(key.encode())
                 digest.update(tensor.detach().float().cpu().numpy().tobytes()[:2048])
-        return {"name": self.name.split("@")[0], "weights": digest.hexdigest()}
+        name = self.name.split("@")[0]
+        if name.startswith("local-dir:"):  # where a model directory lives must not change who it is
+            name = "local-dir:" + Path(name[len("local-dir:"):]).name
+        return {"name": name, "weights": digest.hexdigest()}
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
