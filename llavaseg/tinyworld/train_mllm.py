@@ -253,6 +253,20 @@ def weights_digest(model: torch.nn.Module) -> str:
 # ------------------------------------------------------------------------------------------------ training
 
 
+def _optimiser_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+
+
+def _advance(record: dict[str, Any], stage: str, step: int, start: float, cpu_start: float) -> None:
+    """Count a finished step and its wall/CPU time in the run record (checkpointed, so resumes keep totals)."""
+    record["step"] = step + 1
+    record["seconds"][stage] += time.perf_counter() - start
+    record["cpu_seconds"][stage] += time.process_time() - cpu_start
+
+
 def _quick_eval(model: Any, processor: Any, prompts: PromptSet, config: TrainConfig) -> dict[str, Any]:
     mllm = FrozenMLLM(copy.deepcopy(model).eval(), processor)
     report = evaluate_mllm(mllm, prompts, "val", config.data_seed, count=config.eval_scenes)
@@ -318,13 +332,8 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
                 group["lr"] = group["base_lr"] * lr_factor(step, config.align_steps, config.warmup // 2)
             pixels, targets = pool.batch(processor, step)
             loss, accuracy = aux(image_tokens(model, pixels), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
-            optimizer.step()
-            record["step"] = step + 1
-            record["seconds"]["align"] += time.perf_counter() - start
-            record["cpu_seconds"]["align"] += time.process_time() - cpu_start
+            _optimiser_step(optimizer, loss, config.grad_clip)
+            _advance(record, "align", step, start, cpu_start)
             if record["step"] % config.log_every == 0 or record["step"] == config.align_steps:
                 entry = {"stage": "align", "step": record["step"], "loss": round(loss.item(), 4),
                          **{k: round(v, 4) for k, v in accuracy.items()},
@@ -352,13 +361,8 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
             loss, token_accuracy = answer_loss(output.logits, batch["labels"])
             tokens = output.image_hidden_states.reshape(batch["input_ids"].shape[0], -1, TINY_WORLD_MLLM_SPEC.text_hidden)
             aux_loss, accuracy = aux(tokens, batch["cell_targets"])
-            optimizer.zero_grad(set_to_none=True)
-            (loss + config.aux_weight * aux_loss).backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
-            optimizer.step()
-            record["step"] = step + 1
-            record["seconds"]["tune"] += time.perf_counter() - start
-            record["cpu_seconds"]["tune"] += time.process_time() - cpu_start
+            _optimiser_step(optimizer, loss + config.aux_weight * aux_loss, config.grad_clip)
+            _advance(record, "tune", step, start, cpu_start)
             if record["step"] % config.log_every == 0 or record["step"] == config.tune_steps:
                 entry = {"stage": "tune", "step": record["step"], "loss": round(loss.item(), 4),
                          "token_acc": round(token_accuracy, 4), "aux_loss": round(aux_loss.item(), 4),
