@@ -123,6 +123,16 @@ def image_tokens(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     return model.model.multi_modal_projector(hidden)
 
 
+def projected_tokens(image_hidden_states: Any, batch_size: int) -> torch.Tensor:
+    """The forward pass's projected image tokens as ``(B, tokens, text_hidden)``.
+
+    transformers returns them as one tensor in some releases and as a per-image list in others (5.24).
+    """
+    if isinstance(image_hidden_states, (list, tuple)):
+        image_hidden_states = torch.stack(list(image_hidden_states))
+    return image_hidden_states.reshape(batch_size, -1, TINY_WORLD_MLLM_SPEC.text_hidden)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to 5 % of the peak."""
     if step < warmup:
@@ -359,7 +369,7 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            pixel_values=batch["pixel_values"], use_cache=False)
             loss, token_accuracy = answer_loss(output.logits, batch["labels"])
-            tokens = output.image_hidden_states.reshape(batch["input_ids"].shape[0], -1, TINY_WORLD_MLLM_SPEC.text_hidden)
+            tokens = projected_tokens(output.image_hidden_states, batch["input_ids"].shape[0])
             aux_loss, accuracy = aux(tokens, batch["cell_targets"])
             _optimiser_step(optimizer, loss + config.aux_weight * aux_loss, config.grad_clip)
             _advance(record, "tune", step, start, cpu_start)
