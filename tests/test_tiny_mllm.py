@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llavaseg.attributes import parse_attributes
 from llavaseg.models.mllm import FrozenMLLM
@@ -137,3 +138,94 @@ def test_identity_does_not_depend_on_where_the_model_lives(mllm: FrozenMLLM, tmp
 
     moved = shutil.copytree(MLLM_DIR, tmp_path / "elsewhere" / MLLM_DIR.name)
     assert FrozenMLLM.from_pretrained(moved, local_files_only=True).identity() == mllm.identity()
+
+
+def test_answer_positions_are_where_each_answer_is_decided() -> None:
+    from llavaseg.tinyworld.mllm_recipe import answer_positions
+
+    labels = [IGNORE, IGNORE, 7, 3, IGNORE, IGNORE, IGNORE, 9, 8, 3]
+    assert answer_positions(labels) == [1, 6]  # the tokens *before* each labelled run
+    assert answer_positions([IGNORE, IGNORE]) == []
+
+
+def test_object_targets_name_the_object_in_cell_target_columns() -> None:
+    from llavaseg.tinyworld.mllm_recipe import AUX_CLASSES, object_targets
+    from llavaseg.tinyworld.scenes import Scene, SceneObject
+    from llavaseg.tinyworld.vocab import COLORS, SHAPES, SIZES
+
+    blob = SceneObject(shape="triangle", color="yellow", size="large", cell=(2, 1), location="bottom", center=(64, 107),
+                       radius=15.0, rgb=(235, 205, 25), polygon=[[64, 87], [81, 117], [47, 117]], bbox=(47, 87, 82, 118))
+    scene = Scene(background=(220, 220, 220), texture_seed=1, objects=[blob], focus_index=0)
+    assert list(AUX_CLASSES) == ["present", "color", "shape", "size", "cell"]
+    # yellow is COLORS[3], triangle SHAPES[2], large SIZES[1]; row 2, column 1 of the 3x3 grid is cell 7.
+    assert (COLORS.index("yellow"), SHAPES.index("triangle"), SIZES.index("large")) == (3, 2, 1)
+    assert object_targets(scene, 0).tolist() == [IGNORE, 3, 2, 1, 7]
+
+
+def test_tune_batch_probes_each_answer_for_the_object_it_is_about(prompts: PromptSet) -> None:
+    from llavaseg.tinyworld.mllm_recipe import build_tiny_world_mllm
+    from llavaseg.tinyworld.train_mllm import TrainConfig, tune_batch
+    from llavaseg.tinyworld.vocab import COLORS, LOCATION_GRID, SHAPES, SIZES
+
+    config = TrainConfig(tune_scenes=2, reason_per_scene=2)
+    _, processor = build_tiny_world_mllm(prompts)
+    encoder = ChatEncoder(processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
+    batch = tune_batch(processor, encoder, prompts, config, step=5)
+    ids, labels, positions, referent = batch["input_ids"], batch["labels"], batch["answer_positions"], batch["referent"]
+    assert positions.shape == (6, 5) and referent.shape == (6, 5, 5)  # 2 scenes x (2 reasoning + 1 dialogue chat)
+    tokens = processor.tokenizer.convert_ids_to_tokens
+    checked = {"reason": 0, "dialogue": 0}
+    for row in range(6):
+        real = [int(p) for p in positions[row] if p > 0]
+        assert len(real) == (5 if row % 3 == 2 else 2)
+        assert (referent[row, len(real):] == IGNORE).all()  # padding is never probed
+        for turn, position in enumerate(real):
+            # The probed position is the last prompt token; the next one opens the answer.
+            assert labels[row, position] == IGNORE and labels[row, position + 1] == ids[row, position + 1]
+            target = referent[row, turn]
+            if target[1] == IGNORE:
+                continue
+            colour, shape, size = COLORS[int(target[1])], SHAPES[int(target[2])], SIZES[int(target[3])]
+            location = LOCATION_GRID[int(target[4]) // 3][int(target[4]) % 3]
+            end = position + 1 + int((labels[row, position + 1:] == processor.tokenizer.eos_token_id).int().argmax())
+            answer = tokens(ids[row, position + 1:end].tolist())
+            if row % 3 == 2:  # dialogue: the answer names one of the object's own attributes
+                assert set(answer) <= {colour, shape, size, *location.split(), "a", "an"}, (answer, target)
+                checked["dialogue"] += 1
+            elif turn == 0:  # stage 1 answers with the referent's shape; stage 2 lists its attributes
+                assert answer == [shape]
+                checked["reason"] += 1
+            else:
+                assert " ".join(answer) == format_attributes(
+                    {"color": colour, "location": location, "size": size, "shape": shape})
+    assert checked["reason"] == 4 and checked["dialogue"] >= 4
+
+
+def test_referent_probes_learn_from_language_model_states(prompts: PromptSet) -> None:
+    """Deep supervision trains the language model itself, not only the probes: a few steps cut the probe loss
+    and change the layers below the probed one (the layer above gets no gradient from it)."""
+    from llavaseg.tinyworld.mllm_recipe import build_tiny_world_mllm
+    from llavaseg.tinyworld.train_mllm import ReferentProbes, TrainConfig, tune_batch
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_world_mllm(prompts)
+    encoder = ChatEncoder(processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
+    batch = tune_batch(processor, encoder, prompts, TrainConfig(tune_scenes=2), step=0)
+    probes = ReferentProbes(TINY_WORLD_MLLM_SPEC.text_hidden, [2])
+    trainable = [*model.model.language_model.parameters(), *probes.parameters()]
+    optimizer = torch.optim.Adam(trainable, lr=3e-3)
+    layers = model.model.language_model.layers
+    before = [layer.self_attn.q_proj.weight.detach().clone() for layer in layers]
+    losses = []
+    model.train()
+    for _ in range(15):
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], output_hidden_states=True, use_cache=False)
+        loss, _ = probes(output.hidden_states, batch["answer_positions"], batch["referent"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    changed = [not torch.equal(b, layer.self_attn.q_proj.weight) for b, layer in zip(before, layers)]
+    assert changed == [True, True, False, False]  # probed after layer 2 of 4

@@ -45,6 +45,8 @@ __all__ = [
     "reason_turns",
     "dialogue_turns",
     "cell_targets",
+    "object_targets",
+    "answer_positions",
     "evaluate_mllm",
 ]
 
@@ -196,6 +198,23 @@ def cell_targets(scene: Scene, tokens_per_side: int = GRID) -> np.ndarray:
     rows = np.arange(tokens_per_side) * GRID // tokens_per_side
     token_cells = (rows[:, None] * GRID + rows[None, :]).reshape(-1)
     return per_cell[token_cells]
+
+
+def object_targets(scene: Scene, index: int) -> np.ndarray:
+    """``int64 (5,)`` targets of object ``index`` in :func:`cell_targets`' columns: what a probe on the language
+    model's hidden state must read off once the query is resolved. ``present`` is ``IGNORE`` (always true)."""
+    obj = scene.objects[index]
+    return np.array([IGNORE, COLORS.index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size),
+                     obj.cell[0] * GRID + obj.cell[1]], dtype=np.int64)
+
+
+def answer_positions(labels: Sequence[int]) -> list[int]:
+    """Positions whose next token opens an answer, one per turn, from :meth:`ChatEncoder.encode`'s labels.
+
+    Each answer (its tokens and ``</s>``) is one contiguous labelled run, so a run starts wherever a label
+    follows an ``IGNORE``; the position *before* it is where the model decides the answer.
+    """
+    return [i - 1 for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
 
 
 def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -75,12 +75,17 @@ class TargetQuery(BaseModel):
 
 
 class DialogueItem(BaseModel):
-    """An ordinary question about a scene with its short exact answer (keeps the MLLM a chat model)."""
+    """An ordinary question about a scene with its short exact answer (keeps the MLLM a chat model).
+
+    ``target_index`` is the object the answer is about, when there is exactly one (``None`` for counting and
+    existence questions, or "nothing"); training probes use it, the written ``dialogue.jsonl`` does not.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     question: str
     answer: str
+    target_index: int | None = None
 
 
 def target_attributes(obj: SceneObject) -> dict[str, str]:
@@ -399,10 +404,12 @@ def make_dialogue(scene: Scene, rng: np.random.Generator, n_items: int = 5) -> l
     pool.append(DialogueItem(
         question=f"how many {color} shapes are there ?", answer=_count_word(sum(o.color == color for o in objs))
     ))
-    o = objs[int(rng.integers(len(objs)))]
-    pool.append(DialogueItem(question=f"what colour is the shape in the {o.location} ?", answer=o.color))
-    o = objs[int(rng.integers(len(objs)))]
-    pool.append(DialogueItem(question=f"what shape is in the {o.location} ?", answer=o.shape))
+    i = int(rng.integers(len(objs)))
+    pool.append(DialogueItem(question=f"what colour is the shape in the {objs[i].location} ?", answer=objs[i].color,
+                             target_index=i))
+    i = int(rng.integers(len(objs)))
+    pool.append(DialogueItem(question=f"what shape is in the {objs[i].location} ?", answer=objs[i].shape,
+                             target_index=i))
     if rng.random() < 0.5:
         c, s = _name(objs[int(rng.integers(len(objs)))]).split()
     else:
@@ -415,10 +422,13 @@ def make_dialogue(scene: Scene, rng: np.random.Generator, n_items: int = 5) -> l
         hits = resolve_query(scene, f"the shape {rel} the {_name(ref)}")
         if len(hits) <= 1:
             answer = _a(_name(objs[hits[0]])) if hits else "nothing"
-            pool.append(DialogueItem(question=f"what is {rel} the {_name(ref)} ?", answer=answer))
+            pool.append(DialogueItem(question=f"what is {rel} the {_name(ref)} ?", answer=answer,
+                                     target_index=hits[0] if hits else None))
         ref = unique[int(rng.integers(len(unique)))]
-        pool.append(DialogueItem(question=f"where is the {_name(ref)} ?", answer=ref.location))
+        pool.append(DialogueItem(question=f"where is the {_name(ref)} ?", answer=ref.location,
+                                 target_index=objs.index(ref)))
         ref = unique[int(rng.integers(len(unique)))]
-        pool.append(DialogueItem(question=f"what size is the {_name(ref)} ?", answer=ref.size))
+        pool.append(DialogueItem(question=f"what size is the {_name(ref)} ?", answer=ref.size,
+                                 target_index=objs.index(ref)))
     picks = rng.permutation(len(pool))[:n_items]
     return [pool[int(i)] for i in sorted(picks)]

@@ -54,14 +54,16 @@ from llavaseg.tinyworld.mllm_recipe import (
     IGNORE,
     TINY_WORLD_MLLM_SPEC,
     ChatEncoder,
+    answer_positions,
     build_tiny_world_mllm,
     cell_targets,
     dialogue_turns,
     evaluate_mllm,
+    object_targets,
     pixel_values,
     reason_turns,
 )
-from llavaseg.tinyworld.scenes import render_scene_array, sample_scene
+from llavaseg.tinyworld.scenes import Scene, render_scene_array, sample_scene
 
 __all__ = ["TrainConfig", "AuxHeads", "train_mllm", "main"]
 
@@ -87,6 +89,8 @@ class TrainConfig(BaseModel):
     projector_lr: float = 3e-4
     vision_lr: float = 1e-4
     aux_weight: float = 0.2
+    referent_weight: float = 1.0
+    referent_layers: list[int] = [2, 3]
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -97,40 +101,86 @@ class TrainConfig(BaseModel):
 
 
 class AuxHeads(torch.nn.Module):
-    """Throwaway linear classifiers on the projected image tokens (one per :data:`AUX_CLASSES` column)."""
+    """Throwaway linear classifiers, one per named :data:`AUX_CLASSES` column of the targets (all by default)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, names: tuple[str, ...] = tuple(AUX_CLASSES)) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, n) for name, n in AUX_CLASSES.items()})
+        self.columns = [list(AUX_CLASSES).index(name) for name in names]
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, AUX_CLASSES[name]) for name in names})
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean cross-entropy over heads, and per-head accuracy on labelled tokens (for the log)."""
+        """Mean cross-entropy over heads with labels in this batch, and per-head accuracy (for the log)."""
         losses = []
         accuracy = {}
         flat = tokens.reshape(-1, tokens.shape[-1])
-        for column, (name, head) in enumerate(self.heads.items()):
+        for column, (name, head) in zip(self.columns, self.heads.items()):
             labels = targets[..., column].reshape(-1)
-            logits = head(flat)
-            losses.append(F.cross_entropy(logits, labels, ignore_index=IGNORE))
             keep = labels != IGNORE
-            accuracy[name] = float((logits.argmax(-1)[keep] == labels[keep]).float().mean()) if keep.any() else 1.0
+            if not keep.any():  # e.g. a batch without reasoning chats: nothing to learn, and no NaN mean
+                continue
+            logits = head(flat[keep])
+            losses.append(F.cross_entropy(logits, labels[keep]))
+            accuracy[name] = float((logits.argmax(-1) == labels[keep]).float().mean())
+        return (torch.stack(losses).mean() if losses else flat.sum() * 0.0), accuracy
+
+
+REFERENT_COLUMNS = ("color", "shape", "size", "cell")
+"""What a referent probe classifies (``present`` is always true for a referent)."""
+
+
+class ReferentProbes(torch.nn.Module):
+    """Throwaway probes that read the query's referent off the language model's hidden states (deep supervision).
+
+    At the position that opens each stage answer, the hidden state after each layer in ``layers`` (1-based, as
+    in ``output_hidden_states``) must classify the referent's colour, shape, size and cell with a linear head.
+    Next-token loss alone supervises resolution only through the few answer words, and a 1.4 M-parameter
+    model trained on it picked *an* object of the named shape, not *the* one the query means; probing the
+    hidden state where the answer is decided makes resolving the referent a dense target. Only training
+    uses the probes: the shipped model is a plain ``LlavaForConditionalGeneration``.
+    """
+
+    def __init__(self, hidden: int, layers: list[int]) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.probes = torch.nn.ModuleList([AuxHeads(hidden, REFERENT_COLUMNS) for _ in self.layers])
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], positions: torch.Tensor,
+                referent: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean probe loss over layers; ``positions`` ``(B, P)``, ``referent`` ``(B, P, 5)`` (``IGNORE`` skips)."""
+        rows = torch.arange(positions.shape[0])[:, None]
+        losses, accuracy = [], {}
+        for layer, probe in zip(self.layers, self.probes):
+            loss, acc = probe(hidden_states[layer][rows, positions], referent)
+            losses.append(loss)
+            accuracy.update({f"L{layer}_{k}": v for k, v in acc.items()})
         return torch.stack(losses).mean(), accuracy
+
+
+class ProjectorTap:
+    """Keeps the multi-modal projector's latest output: the image tokens the language model reads.
+
+    A forward hook instead of ``output.image_hidden_states``, whose type changes between transformers releases
+    (a tensor, then a per-image list, announced to become per-layer states).
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.tokens: torch.Tensor | None = None
+        model.model.multi_modal_projector.register_forward_hook(self._keep)
+
+    def _keep(self, _module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        self.tokens = output
+
+    def take(self, batch_size: int) -> torch.Tensor:
+        """The captured tokens as ``(B, tokens, text_hidden)``."""
+        if self.tokens is None:
+            raise RuntimeError("the projector has not run yet")
+        return self.tokens.reshape(batch_size, -1, self.tokens.shape[-1])
 
 
 def image_tokens(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Projected image tokens ``(B, 9, text_hidden)`` exactly as LLaVA computes them (last layer, CLS dropped)."""
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
     return model.model.multi_modal_projector(hidden)
-
-
-def projected_tokens(image_hidden_states: Any, batch_size: int) -> torch.Tensor:
-    """The forward pass's projected image tokens as ``(B, tokens, text_hidden)``.
-
-    transformers returns them as one tensor in some releases and as a per-image list in others (5.24).
-    """
-    if isinstance(image_hidden_states, (list, tuple)):
-        image_hidden_states = torch.stack(list(image_hidden_states))
-    return image_hidden_states.reshape(batch_size, -1, TINY_WORLD_MLLM_SPEC.text_hidden)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -178,21 +228,34 @@ class AlignPool:
         return pixel_values(processor, [self.arrays[i] for i in picks]), self.targets[picks]
 
 
+def _referent(scene: Scene, index: int | None) -> np.ndarray:
+    """:func:`object_targets` of object ``index``, or a row of ``IGNORE`` when an answer is about no one object."""
+    return np.full(len(AUX_CLASSES), IGNORE, dtype=np.int64) if index is None else object_targets(scene, index)
+
+
 def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config: TrainConfig,
                step: int) -> dict[str, torch.Tensor]:
     """Per scene: ``reason_per_scene`` two-turn reasoning chats (distinct queries when the scene has them) and one
-    5-turn dialogue chat in random order, right-padded. Several chats per scene halve the cost of generating data."""
+    5-turn dialogue chat in random order, right-padded. Several chats per scene halve the cost of generating data.
+
+    For :class:`ReferentProbes`: ``answer_positions`` ``(B, P)`` are the positions opening each answer of a chat,
+    and ``referent`` ``(B, P, 5)`` the object that answer is about (:func:`object_targets`): the query's target for
+    both reasoning turns, a dialogue question's object where it has one, ``IGNORE`` otherwise and in padding.
+    """
     rng = np.random.default_rng([config.seed, 2, step])
-    arrays, rows, targets, image_index = [], [], [], []
+    arrays, rows, targets, image_index, referents = [], [], [], [], []
     for scene, image, queries, dialogue in iter_scenes("train", config.data_seed, config.tune_scenes,
                                                        start=step * config.tune_scenes):
         arrays.append(np.asarray(image))
         targets.append(cell_targets(scene, TOKENS_PER_SIDE))
         picks = rng.permutation(max(len(queries), config.reason_per_scene))[: config.reason_per_scene]
         for pick in picks:
-            rows.append(encoder.encode(reason_turns(prompts, queries[int(pick) % len(queries)])))
+            query = queries[int(pick) % len(queries)]
+            rows.append(encoder.encode(reason_turns(prompts, query)))
+            referents.append([_referent(scene, query.target_index)] * 2)
         order = rng.permutation(len(dialogue))
         rows.append(encoder.encode(dialogue_turns([dialogue[int(i)] for i in order])))
+        referents.append([_referent(scene, dialogue[int(i)].target_index) for i in order])
         image_index += [len(arrays) - 1] * (len(picks) + 1)
     width = max(len(ids) for ids, _ in rows)
     pad = processor.tokenizer.pad_token_id
@@ -206,8 +269,15 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
     index = torch.tensor(image_index)
     pixels = pixel_values(processor, arrays)[index]
     cells = torch.from_numpy(np.stack(targets))[index]
+    turns = max(len(r) for r in referents)
+    positions = torch.zeros((len(rows), turns), dtype=torch.long)
+    referent = torch.full((len(rows), turns, len(AUX_CLASSES)), IGNORE, dtype=torch.long)
+    for index, ((_, lab), about_turns) in enumerate(zip(rows, referents)):
+        starts = answer_positions(lab)
+        positions[index, : len(starts)] = torch.tensor(starts)
+        referent[index, : len(about_turns)] = torch.from_numpy(np.stack(about_turns))
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
-            "cell_targets": cells}
+            "cell_targets": cells, "referent": referent, "answer_positions": positions}
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -227,18 +297,18 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _optimizer(model: Any, aux: torch.nn.Module, config: TrainConfig, stage: str) -> torch.optim.AdamW:
-    """Stage ``align``: vision tower + projector + heads. Stage ``tune``: language model + projector + heads
-    (+ vision tower at ``vision_lr`` unless it is 0)."""
+def _optimizer(model: Any, heads: torch.nn.ModuleDict, config: TrainConfig, stage: str) -> torch.optim.AdamW:
+    """Stage ``align``: vision tower + projector + cell heads. Stage ``tune``: language model + projector + cell
+    heads + referent probes (+ vision tower at ``vision_lr`` unless it is 0)."""
     inner = model.model
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if stage == "align":
         groups = [{"params": [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters(),
-                              *aux.parameters()], "lr": config.align_lr}]
+                              *heads["cells"].parameters()], "lr": config.align_lr}]
     else:
         groups = [
-            {"params": [*inner.language_model.parameters(), *model.lm_head.parameters(), *aux.parameters()],
+            {"params": [*inner.language_model.parameters(), *model.lm_head.parameters(), *heads.parameters()],
              "lr": config.tune_lr},
             {"params": list(inner.multi_modal_projector.parameters()), "lr": config.projector_lr},
         ]
@@ -296,27 +366,30 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
     prompts = PromptSet.load()
     model, processor = build_tiny_world_mllm(prompts, seed=config.seed)
     torch.manual_seed(config.seed + 1)
-    aux = AuxHeads(TINY_WORLD_MLLM_SPEC.text_hidden)
+    hidden = TINY_WORLD_MLLM_SPEC.text_hidden
+    heads = torch.nn.ModuleDict({"cells": AuxHeads(hidden),
+                                 "referent": ReferentProbes(hidden, config.referent_layers)})
+    tap = ProjectorTap(model)
     encoder = ChatEncoder(processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
     record: dict[str, Any] = {"stage": "align", "step": 0, "seconds": {"align": 0.0, "tune": 0.0},
                               "cpu_seconds": {"align": 0.0, "tune": 0.0}, "history": []}
-    optimizer = _optimizer(model, aux, config, "align")
+    optimizer = _optimizer(model, heads, config, "align")
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=True)
         if state["config"] != config.model_dump():
             raise InputError(f"{ckpt_path} was written with another config; delete it or use another --work-dir")
         model.load_state_dict(state["model"])
-        aux.load_state_dict(state["aux"])
+        heads.load_state_dict(state["heads"])
         record = state["record"]
-        optimizer = _optimizer(model, aux, config, record["stage"])
+        optimizer = _optimizer(model, heads, config, record["stage"])
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         log(f"resumed from {ckpt_path}: stage {record['stage']} step {record['step']}")
 
     def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, {"config": config.model_dump(), "model": model.state_dict(), "aux": aux.state_dict(),
+        _save_checkpoint(ckpt_path, {"config": config.model_dump(), "model": model.state_dict(), "heads": heads.state_dict(),
                                      "optimizer": optimizer.state_dict(), "record": record})
 
     budget = [stop_after if stop_after is not None else -1]
@@ -341,7 +414,7 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, config.align_steps, config.warmup // 2)
             pixels, targets = pool.batch(processor, step)
-            loss, accuracy = aux(image_tokens(model, pixels), targets)
+            loss, accuracy = heads["cells"](image_tokens(model, pixels), targets)
             _optimiser_step(optimizer, loss, config.grad_clip)
             _advance(record, "align", step, start, cpu_start)
             if record["step"] % config.log_every == 0 or record["step"] == config.align_steps:
@@ -355,7 +428,7 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
             if out_of_budget():
                 return model.eval(), processor, record
         record["stage"], record["step"] = "tune", 0
-        optimizer = _optimizer(model, aux, config, "tune")
+        optimizer = _optimizer(model, heads, config, "tune")
         checkpoint()
 
     pool = None  # free the rendered scenes before stage 2
@@ -367,15 +440,23 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
                 group["lr"] = group["base_lr"] * lr_factor(step, config.tune_steps, config.warmup)
             batch = tune_batch(processor, encoder, prompts, config, step)
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"], use_cache=False)
+                           pixel_values=batch["pixel_values"], use_cache=False,
+                           output_hidden_states=config.referent_weight > 0)
             loss, token_accuracy = answer_loss(output.logits, batch["labels"])
-            tokens = projected_tokens(output.image_hidden_states, batch["input_ids"].shape[0])
-            aux_loss, accuracy = aux(tokens, batch["cell_targets"])
-            _optimiser_step(optimizer, loss + config.aux_weight * aux_loss, config.grad_clip)
+            aux_loss, _ = heads["cells"](tap.take(batch["input_ids"].shape[0]), batch["cell_targets"])
+            total = loss + config.aux_weight * aux_loss
+            referent_loss, referent_accuracy = torch.zeros(()), {}
+            if config.referent_weight > 0:
+                referent_loss, referent_accuracy = heads["referent"](
+                    output.hidden_states, batch["answer_positions"], batch["referent"])
+                total = total + config.referent_weight * referent_loss
+            _optimiser_step(optimizer, total, config.grad_clip)
             _advance(record, "tune", step, start, cpu_start)
             if record["step"] % config.log_every == 0 or record["step"] == config.tune_steps:
                 entry = {"stage": "tune", "step": record["step"], "loss": round(loss.item(), 4),
                          "token_acc": round(token_accuracy, 4), "aux_loss": round(aux_loss.item(), 4),
+                         "referent_loss": round(referent_loss.item(), 4),
+                         **{k: round(v, 4) for k, v in referent_accuracy.items()},
                          "seconds": round(record["seconds"]["tune"], 1)}
                 if config.eval_every and record["step"] % config.eval_every == 0:
                     entry["val"] = _quick_eval(model, processor, prompts, config)
@@ -408,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(field.default, bool):
             parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                                 default=field.default)
+        elif isinstance(field.default, list):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="*", default=field.default)
         else:
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
