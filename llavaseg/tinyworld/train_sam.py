@@ -294,7 +294,7 @@ def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: di
         raise
 
 
-def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 2, log_every: int = 25, evaluate: bool = True) -> TrainReport:
+def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int = 25, evaluate: bool = True) -> TrainReport:
     """Train from scratch (or resume ``out_dir/.sam_tiny_world.ckpt`` if it was written with the same config),
     then write ``sam_tiny_world.safetensors`` and its JSON report atomically.
     """
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--images-per-step", type=int, default=TrainConfig().images_per_step)
     parser.add_argument("--lr", type=float, default=TrainConfig().lr)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 (the default) reproduces the shipped weights byte for byte")
     parser.add_argument("--no-eval", action="store_true", help="skip the val evaluation (for quick reruns)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(steps=args.steps, seed=args.seed, data_seed=args.data_seed,
