@@ -153,8 +153,9 @@ def test_object_targets_name_the_object_in_cell_target_columns() -> None:
     from llavaseg.tinyworld.scenes import Scene, SceneObject
     from llavaseg.tinyworld.vocab import COLORS, SHAPES, SIZES
 
-    blob = SceneObject(shape="triangle", color="yellow", size="large", cell=(2, 1), location="bottom", center=(64, 107),
-                       radius=15.0, rgb=(235, 205, 25), polygon=[[64, 87], [81, 117], [47, 117]], bbox=(47, 87, 82, 118))
+    blob = SceneObject(shape="triangle", color="yellow", size="large", cell=(2, 1), location="bottom",
+                       center=(64, 107), radius=15.0, rgb=(235, 205, 25), polygon=[[64, 87], [81, 117], [47, 117]],
+                       bbox=(47, 87, 82, 118))
     scene = Scene(background=(220, 220, 220), texture_seed=1, objects=[blob], focus_index=0)
     assert list(AUX_CLASSES) == ["present", "color", "shape", "size", "cell"]
     # yellow is COLORS[3], triangle SHAPES[2], large SIZES[1]; row 2, column 1 of the 3x3 grid is cell 7.

@@ -178,7 +178,7 @@ class ProjectorTap:
 
 
 def image_tokens(model: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Projected image tokens ``(B, 9, text_hidden)`` exactly as LLaVA computes them (last layer, CLS dropped)."""
+    """Projected image tokens ``(B, tokens, text_hidden)`` as LLaVA computes them (last layer, CLS dropped)."""
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
     return model.model.multi_modal_projector(hidden)
 
@@ -389,8 +389,9 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
         log(f"resumed from {ckpt_path}: stage {record['stage']} step {record['step']}")
 
     def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, {"config": config.model_dump(), "model": model.state_dict(), "heads": heads.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "record": record})
+        _save_checkpoint(ckpt_path, {"config": config.model_dump(), "model": model.state_dict(),
+                                     "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "record": record})
 
     budget = [stop_after if stop_after is not None else -1]
 

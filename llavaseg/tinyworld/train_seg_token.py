@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -99,6 +99,7 @@ class SegTokenTrainReport(BaseModel):
     val_teacher_forced: SplitScores | None = None
     val_dialogue: DialogueScores | None = None
     weights_bytes: int = 0
+    torch_version: str = Field(default_factory=lambda: torch.__version__)
     protocol_note: str = ("val = tiny-world val, first text per image (LISA ValDataset); 'generate' = greedy "
                           "generation, mask from generated [SEG] (union), empty mask if none; 'teacher_forced' = "
                           "LISA validate(): assistant turn pre-filled with '[SEG].'")
