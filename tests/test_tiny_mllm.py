@@ -122,8 +122,9 @@ def test_training_encoding_matches_inference_layout(mllm: FrozenMLLM, prompts: P
 def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
     from llavaseg.tinyworld.train_mllm import TrainConfig, train_mllm, weights_digest
 
-    config = TrainConfig(align_steps=2, align_batch=4, align_pool=8, tune_steps=2, tune_scenes=2, warmup=2, checkpoint_every=1,
-                         log_every=1)
+    # eval_every=2: the mid-run val measurement (a deep copy of the model in training) runs too.
+    config = TrainConfig(align_steps=2, align_batch=4, align_pool=8, tune_steps=2, tune_scenes=2, warmup=2,
+                         checkpoint_every=1, log_every=1, eval_every=2, eval_scenes=1)
     quiet = lambda *_: None  # noqa: E731
     straight, _, _ = train_mllm(config, tmp_path / "a", log=quiet)
     train_mllm(config, tmp_path / "b", log=quiet, stop_after=3)  # "killed" after one tune step

@@ -171,10 +171,12 @@ class ProjectorTap:
         self.tokens = output
 
     def take(self, batch_size: int) -> torch.Tensor:
-        """The captured tokens as ``(B, tokens, text_hidden)``."""
-        if self.tokens is None:
-            raise RuntimeError("the projector has not run yet")
-        return self.tokens.reshape(batch_size, -1, self.tokens.shape[-1])
+        """The captured tokens as ``(B, tokens, text_hidden)``; the tap lets go of them (a tensor inside the
+        autograd graph held by a hook would make ``copy.deepcopy(model)`` fail)."""
+        tokens, self.tokens = self.tokens, None
+        if tokens is None:
+            raise RuntimeError("the projector has not run since the last take()")
+        return tokens.reshape(batch_size, -1, tokens.shape[-1])
 
 
 def image_tokens(model: Any, pixels: torch.Tensor) -> torch.Tensor:
