@@ -65,19 +65,20 @@ def test_loads_frozen_small_and_offline(mllm: FrozenMLLM) -> None:
 def test_card_numbers_hold_on_a_fresh_measurement(mllm: FrozenMLLM, prompts: PromptSet) -> None:
     """The card's val figures (whole split) and a re-measurement of the shipped files on its first 10 scenes.
 
-    Measured at release: stage-1 exact match 0.963 (the >= 0.9 target is met), attribute accuracy 0.716 (the
-    0.9 target is *not*: location is read correctly only 32 % of the time); these floors catch regressions such
-    as a broken chat template or mismatched processor, which drop both to ~0.
+    Measured at release on all 214 val queries: stage-1 exact match 0.949, attribute accuracy 0.922 (issue #4
+    asks >= 0.9 for both); on the first 10 scenes (22 queries) 0.864 and 0.898. The card floors are the issue's
+    targets; the fresh floors catch regressions such as a broken chat template or mismatched processor, which
+    drop both to ~0.
     """
     from llavaseg.tinyworld.mllm_recipe import evaluate_mllm
 
     card = json.loads((WEIGHTS / "mllm_card.json").read_text())
     assert card["val"]["queries"] > 200
     assert card["val"]["stage1_exact_match"] >= 0.9
-    assert card["val"]["attribute_accuracy"] >= 0.7
+    assert card["val"]["attribute_accuracy"] >= 0.9
     fresh = evaluate_mllm(mllm, prompts, "val", 0, count=10)
-    assert fresh["stage1_exact_match"] >= 0.85
-    assert fresh["attribute_accuracy"] >= 0.6
+    assert fresh["stage1_exact_match"] >= 0.8
+    assert fresh["attribute_accuracy"] >= 0.8
     assert fresh["attribute_key_value_parse_rate"] == 1.0
 
 
