@@ -93,7 +93,7 @@ def test_two_stage_chat_on_fresh_val_queries(mllm: FrozenMLLM, prompts: PromptSe
     colour = np.mean([p.attributes.color == q.attributes["color"] for p, (_, q) in zip(parsed, batch)])
     assert stage1 >= 0.8, list(zip([q.text for _, q in batch], raw))
     assert all(p.method == "key_value" for p in parsed), answers
-    assert colour >= 0.5, answers  # 0.6 measured on these 10 (0.75 over val); a broken chat drops it to ~0
+    assert colour >= 0.7, answers  # 0.9 measured on these 10 (0.925 over val); a broken chat drops it to ~0
     # The same chat through ``converse`` (prompts fixed up front, batch of one reusing the KV cache) agrees.
     image, q = batch[0]
     again = mllm.converse([image], [[prompts.render("reason", query=q.text), follow[0]]])[0]

@@ -292,10 +292,10 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
     turns = max(len(r) for r in referents)
     positions = torch.zeros((len(rows), turns), dtype=torch.long)
     referent = torch.full((len(rows), turns, len(AUX_CLASSES)), IGNORE, dtype=torch.long)
-    for index, ((_, lab), about_turns) in enumerate(zip(rows, referents)):
+    for row, ((_, lab), about_turns) in enumerate(zip(rows, referents)):
         starts = answer_positions(lab)
-        positions[index, : len(starts)] = torch.tensor(starts)
-        referent[index, : len(about_turns)] = torch.from_numpy(np.stack(about_turns))
+        positions[row, : len(starts)] = torch.tensor(starts)
+        referent[row, : len(about_turns)] = torch.from_numpy(np.stack(about_turns))
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
             "cell_targets": cells, "referent": referent, "answer_positions": positions}
 
