@@ -4,12 +4,13 @@
 
 Each model is retrained from scratch by its own script with the recorded config and seed, into ``--work``; then
 every shipped weight file (and the configs and tokenizer saved with it; not the cards, which hold timings) is
-compared with the regenerated one (sha256), and the val figure the script measures with the shipped card's. Byte equality is expected with the torch build and thread count the card
-records (one thread everywhere); another build sums floating point in another order, so then the figures should
-agree within noise instead. The report (``benchmarks/results/regenerate.json``) says which case applied.
+compared with the regenerated one (sha256), and the val figure the script measures with the shipped card's.
+Byte equality is expected with the torch build and thread count the card records (one thread everywhere);
+another build sums floating point in another order, so then the figures should agree within noise instead.
+The report (``benchmarks/results/regenerate.json``) says which case applied.
 
-Full runs take long (one CPU core: SAM ~20 min, open_clip ~10 min, MLLM ~1.5 h, adapters ~5 min, ``<SEG>`` ~8
-min), so this is a benchmark, not a test; ``tests/test_regenerate.py`` repeats the adapter case under
+Full runs take long (one CPU core, measured: SAM 10 min, open_clip 11 min, MLLM 87 min, adapters 5 min,
+``<SEG>`` 8 min), so this is a benchmark, not a test; ``tests/test_regenerate.py`` repeats the adapter case under
 ``-m slow``. A killed run resumes from its checkpoints in ``--work``.
 """
 
