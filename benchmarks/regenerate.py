@@ -135,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         print(f"[regenerate] {name} ...", flush=True)
         pairs, figures = REGENERATORS[name](args.work / name)
-        files = [{"file": str(shipped.relative_to(ROOT)), "shipped_sha256": sha256(shipped),
-                  "regenerated_sha256": sha256(again), "identical": sha256(shipped) == sha256(again)}
-                 for shipped, again in pairs]
+        files = []
+        for shipped, again in pairs:
+            digests = sha256(shipped), sha256(again)
+            files.append({"file": str(shipped.relative_to(ROOT)), "shipped_sha256": digests[0],
+                          "regenerated_sha256": digests[1], "identical": digests[0] == digests[1]})
         entry = {"files": files, **figures, "same_torch_build": figures.get("shipped_torch") == torch.__version__,
                  "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
                  "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
