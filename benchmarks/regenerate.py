@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llavaseg.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "llavaseg" / "tinyworld" / "weights"
@@ -116,15 +116,6 @@ REGENERATORS: dict[str, Callable[[Path], tuple[list[tuple[Path, Path]], dict[str
 }
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=1) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         # Re-read just before writing: several runs (one per core) may share one report.
         report = _card(args.report) if args.report.is_file() else {"models": {}}
         report["models"][name] = entry
-        _write_atomic(args.report, report)
+        atomic_write_text(args.report, json.dumps(report, indent=1) + "\n")
         verdict = "identical bytes" if all(f["identical"] for f in files) else "bytes differ"
         print(f"[regenerate] {name}: {verdict}; {figures['metric']} shipped {figures['shipped']} "
               f"regenerated {figures['regenerated']} ({entry['seconds']} s)", flush=True)

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from llavaseg.atomic import atomic_write_text
 from llavaseg.speed import format_report, run_speed
 
 
@@ -21,10 +21,7 @@ def main() -> None:
     report = run_speed(args.preset, full=not args.quick, repeats=args.repeats)
     print(format_report(report))
     out = Path(__file__).parent / "results" / f"speed-{args.preset}.json"
-    out.parent.mkdir(exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(report.model_dump_json(indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, report.model_dump_json(indent=2))
     print(f"wrote {out}")
 
 

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from llavaseg.atomic import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 
 
@@ -229,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(x{scale['ratio_seg_over_adapter']:.0f})")
     print(f"cache build: {adapter['cache_build_seconds']:.2f} s for {args.batch_size} queries "
           f"({1000 * adapter['cache_build_seconds_per_query']:.0f} ms/query, MLLM stages + SAM + text encoder)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

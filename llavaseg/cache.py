@@ -41,9 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.attributes import Attributes
 from llavaseg.data.base import SegQuery
 from llavaseg.errors import CheckpointMismatchError, DatasetFormatError, InputError
@@ -83,21 +83,10 @@ def default_cache_root() -> Path:
     return Path(base) / "features"
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8"))
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------ identity
@@ -309,7 +298,7 @@ class FeatureCache:
         tensors.update({f"level_{i}": level.detach().cpu().contiguous() for i, level in enumerate(features.levels)})
         metadata = {"input_size": json.dumps(list(features.input_size)),
                     "original_size": json.dumps(list(features.original_size))}
-        _atomic_write_bytes(self.dir / relative, lambda p: save_file(tensors, str(p), metadata=metadata))
+        atomic_write(self.dir / relative, lambda p: save_file(tensors, str(p), metadata=metadata))
         self._index["images"][digest] = {"file": relative, "input_size": list(features.input_size),
                                          "original_size": list(features.original_size),
                                          "num_levels": len(features.levels)}
@@ -341,7 +330,7 @@ class FeatureCache:
         for entry, text, mask in zip(entries, texts, masks, strict=True):
             tensors[f"text/{entry.key}"] = text.detach().float().cpu().contiguous()
             tensors[f"mask/{entry.key}"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))
-        _atomic_write_bytes(self.dir / shard, lambda p: save_file(tensors, str(p)))
+        atomic_write(self.dir / shard, lambda p: save_file(tensors, str(p)))
         for entry in entries:
             self._index["queries"][entry.key] = entry.model_copy(update={"shard": shard}).model_dump(mode="json")
         self._index["next_shard"] = int(self._index["next_shard"]) + 1

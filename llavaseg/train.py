@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
+from llavaseg.atomic import atomic_write
 from llavaseg.cache import (
     CachedSample,
     FeatureCache,
@@ -309,10 +309,6 @@ def evaluate_cached(adapters: MultiScaleAdapters, sam: FrozenSAM, cache: Feature
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _config_for_resume(config: TrainConfig) -> dict[str, Any]:
@@ -331,14 +327,14 @@ def save_checkpoint(directory: Path, *, step: int, config: TrainConfig, adapters
             tensors[f"optim/{index}/{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
     tensor_file = f"state-{step:08d}.safetensors"
-    _atomic(directory / tensor_file, lambda p: save_file(tensors, str(p), metadata={"format": "llavaseg-train"}))
+    atomic_write(directory / tensor_file, lambda p: save_file(tensors, str(p), metadata={"format": "llavaseg-train"}))
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     payload = {
         "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_file,
         "config": _config_for_resume(config), "optimizer_groups": optim_state["param_groups"],
         "scheduler": scheduler_state, "numpy_rng": rng.bit_generator.state, **state,
     }
-    _atomic(directory / "checkpoint.json", lambda p: p.write_text(json.dumps(payload, indent=1, default=str)))
+    atomic_write(directory / "checkpoint.json", lambda p: p.write_text(json.dumps(payload, indent=1, default=str)))
     for old in directory.glob("state-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
@@ -616,7 +612,7 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
             "torch": torch.__version__, "python": platform.python_version(),
         }
         save_adapters(adapters, out, card)
-        _atomic(out / "README.md", lambda p: p.write_text(_readme(card)))
+        atomic_write(out / "README.md", lambda p: p.write_text(_readme(card)))
         _log(config, f"adapters written to {out}")
     return TrainResult(
         out=out, checkpoint_dir=checkpoint_dir, completed=not stopped_early, step=step, steps=config.steps,

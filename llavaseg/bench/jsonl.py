@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from llavaseg.atomic import atomic_write
 from llavaseg.errors import InputError
 
 __all__ = ["read_jsonl", "append_jsonl", "write_atomic", "TruncatedLineWarning"]
@@ -80,24 +80,7 @@ def append_jsonl(path: Path, records: Iterable[BaseModel]) -> None:
         os.fsync(handle.fileno())
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``path`` through a temporary file in the same folder and ``os.replace``: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data.encode("utf-8") if isinstance(data, str) else data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    body = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(path, lambda tmp: tmp.write_bytes(body))

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from llavaseg.data.reasonseg import _atomic_write, write_reasonseg_sample
+from llavaseg.atomic import atomic_write
+from llavaseg.data.reasonseg import write_reasonseg_sample
 from llavaseg.errors import UnsupportedError
 
 __all__ = ["quokka_reasonseg_sample", "imgaug_wheel", "QuokkaUnavailableError", "QUOKKA_TEXTS"]
@@ -110,5 +111,5 @@ def quokka_reasonseg_sample(out_dir: Path | str, *, cache_dir: Path | None = Non
     image_path, _ = write_reasonseg_sample(
         split_dir, "quokka", image, list(QUOKKA_TEXTS), False, [{"label": "target", "points": points}],
     )
-    _atomic_write(image_path, lambda tmp: tmp.write_bytes(jpeg_bytes))  # keep the original pixels
+    atomic_write(image_path, lambda tmp: tmp.write_bytes(jpeg_bytes))  # keep the original pixels
     return split_dir

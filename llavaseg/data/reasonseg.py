@@ -14,8 +14,6 @@ The mask is rebuilt from the polygons exactly as LISA's ``get_mask_from_json`` d
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from llavaseg.atomic import atomic_write
 from llavaseg.data.base import IGNORE_VALUE, image_hw, read_rgb
 from llavaseg.errors import DatasetFormatError, InputError
 
@@ -311,17 +310,6 @@ class ReasonSegDataset:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then ``os.replace`` it onto ``target`` so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; datasets are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _normalise_shape(shape: dict[str, Any], where: str) -> dict[str, Any]:
@@ -400,9 +388,9 @@ def write_reasonseg_sample(
     }
     split_dir.mkdir(parents=True, exist_ok=True)
     body = json.dumps(payload, ensure_ascii=False, indent=2) + "\n"
-    _atomic_write(json_path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+    atomic_write(json_path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
     if suffix == ".jpg":
-        _atomic_write(image_path, lambda tmp: pil.save(tmp, format="JPEG", quality=95))
+        atomic_write(image_path, lambda tmp: pil.save(tmp, format="JPEG", quality=95))
     else:
-        _atomic_write(image_path, lambda tmp: pil.save(tmp, format="PNG"))
+        atomic_write(image_path, lambda tmp: pil.save(tmp, format="PNG"))
     return image_path, json_path

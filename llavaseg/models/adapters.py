@@ -13,7 +13,6 @@ This is a reconstruction ("LLaVASeg-style"): the paper's exact adapter design is
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError
 
 ADAPTER_FORMAT_VERSION = 1
@@ -137,11 +137,6 @@ class MultiScaleAdapters(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; shipped adapters must be readable by every user
-    os.replace(tmp, path)
 
 
 def save_adapters(adapters: MultiScaleAdapters, directory: str | Path, card: dict | None = None) -> Path:
@@ -149,10 +144,10 @@ def save_adapters(adapters: MultiScaleAdapters, directory: str | Path, card: dic
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()}
-    _atomic_write(directory / "adapters.safetensors", lambda p: save_file(state, str(p), metadata={"format": "llavaseg-adapters"}))
-    _atomic_write(directory / "config.json", lambda p: p.write_text(adapters.config.model_dump_json(indent=2)))
+    atomic_write(directory / "adapters.safetensors", lambda p: save_file(state, str(p), metadata={"format": "llavaseg-adapters"}))
+    atomic_write(directory / "config.json", lambda p: p.write_text(adapters.config.model_dump_json(indent=2)))
     if card is not None:
-        _atomic_write(directory / "card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
+        atomic_write(directory / "card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
     return directory
 
 

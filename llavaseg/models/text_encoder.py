@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
 from llavaseg.models.mllm import freeze
 
@@ -129,9 +130,7 @@ def save_local_dir(encoder: FrozenTextEncoder, model_name: str, directory: Path)
 
     directory.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": open_clip.get_model_config(model_name), "preprocess_cfg": {}}
-    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    atomic_write_text(directory / "open_clip_config.json", json.dumps(config, indent=2))
     state = {k: v.detach().contiguous() for k, v in encoder.model.state_dict().items()}
-    tmp = directory / "open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(directory / "open_clip_model.safetensors")
+    atomic_write(directory / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
     return directory

@@ -15,14 +15,13 @@ and SAM (checked against the recorded identities; anything else raises :class:`C
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
@@ -52,16 +51,6 @@ def trained_state(model: SegTokenModel) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
 
 
-def _atomic(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_seg_token_model(model: SegTokenModel, directory: str | Path, *, extra: dict | None = None) -> Path:
@@ -73,11 +62,11 @@ def save_seg_token_model(model: SegTokenModel, directory: str | Path, *, extra: 
     directory.mkdir(parents=True, exist_ok=True)
     state = trained_state(model)
     metadata = {"format": FORMAT}
-    _atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
     body = model.config.model_dump(mode="json")
     if extra:
         body["extra"] = extra
-    _atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2) + "\n",
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2) + "\n",
                                                                        encoding="utf-8"))
     return directory
 

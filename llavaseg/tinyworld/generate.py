@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from llavaseg.atomic import atomic_write_text
 from llavaseg.data.reasonseg import write_reasonseg_sample
 from llavaseg.errors import InputError
 from llavaseg.tinyworld.queries import DialogueItem, TargetQuery, make_dialogue, make_target_queries
@@ -91,12 +92,6 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in records)
 
 
-def _write_text_atomic(path: Path, body: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(body)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _write_split(split_dir: Path, split: str, seed: int, count: int) -> None:
@@ -115,8 +110,8 @@ def _write_split(split_dir: Path, split: str, seed: int, count: int) -> None:
                 "description": q.description, "attributes": q.attributes, "family": q.family,
             })
         dialogue += [{"image": name, "question": d.question, "answer": d.answer} for d in items]
-    _write_text_atomic(split_dir / "stages.jsonl", _jsonl(stages))
-    _write_text_atomic(split_dir / "dialogue.jsonl", _jsonl(dialogue))
+    atomic_write_text(split_dir / "stages.jsonl", _jsonl(stages))
+    atomic_write_text(split_dir / "dialogue.jsonl", _jsonl(dialogue))
 
 
 def _is_tinyworld(path: Path) -> bool:

@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -56,6 +54,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import InputError
 from llavaseg.models.text_encoder import FrozenTextEncoder, save_local_dir
 from llavaseg.routes.training_free import proposal_view
@@ -361,11 +360,8 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
                 tensors[f"opt.{key}.{name}"] = state[key].contiguous()
         if "step" in state:
             tensors[f"opt.step.{name}"] = torch.as_tensor(state["step"]).reshape(1).float()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"step": str(step), "losses": json.dumps(losses),
-                                          "config": config.model_dump_json()})
-    os.replace(tmp, path)
+    metadata = {"step": str(step), "losses": json.dumps(losses), "config": config.model_dump_json()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -458,9 +454,7 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
         file_bytes=(out_dir / "open_clip_model.safetensors").stat().st_size,
         val=evaluate_retrieval(loaded, eval_scenes), torch_version=torch.__version__,
         open_clip_version=open_clip.__version__)
-    tmp = out_dir / "train_report.json.tmp"
-    tmp.write_text(report.model_dump_json(indent=2) + "\n")
-    tmp.replace(out_dir / "train_report.json")
+    atomic_write_text(out_dir / "train_report.json", report.model_dump_json(indent=2) + "\n")
     ckpt.unlink(missing_ok=True)
     return report
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
+from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import InputError
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.prompting import PromptSet
@@ -312,9 +313,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _optimizer(model: Any, heads: torch.nn.ModuleDict, config: TrainConfig, stage: str) -> torch.optim.AdamW:
@@ -550,9 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "val": report,
         "history": record["history"],
     }
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, card_path)
+    atomic_write_text(card_path, json.dumps(card, indent=1) + "\n")
     print(f"wrote {card_path}")
     return 0
 

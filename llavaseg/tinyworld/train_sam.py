@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
+from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.models.sam_spec import SAM_SPECS, build_sam_from_spec
 from llavaseg.tinyworld.generate import scene_rng
@@ -269,13 +268,6 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _weights_metadata(cfg: TrainConfig) -> dict[str, str]:
     """One metadata key: safetensors writes a multi-key header in hash order, which varies between processes
     and would make otherwise identical weight files differ byte-wise."""
@@ -283,15 +275,8 @@ def _weights_metadata(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int = 25, evaluate: bool = True) -> TrainReport:
@@ -331,8 +316,9 @@ def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int 
             print(f"step {done}/{cfg.steps} loss {loss_ema:.4f} lr {_lr_at(cfg, step):.2e} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _atomic_torch_save({"config": cfg.model_dump(), "model": sam.state_dict(), "optim": opt.state_dict(),
-                                "step": done, "elapsed": time.perf_counter() - t0, "loss_ema": loss_ema}, ckpt_path)
+            state = {"config": cfg.model_dump(), "model": sam.state_dict(), "optim": opt.state_dict(),
+                     "step": done, "elapsed": time.perf_counter() - t0, "loss_ema": loss_ema}
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
     train_seconds = time.perf_counter() - t0
     sam.eval()
     weights = out_dir / f"{WEIGHTS_NAME}.safetensors"
@@ -356,12 +342,7 @@ def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int 
         val_target_miou=round(target_miou, 4),
         torch_version=torch.__version__,
     )
-    body = json.dumps(report.model_dump(mode="json"), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{WEIGHTS_NAME}.json.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(body)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / f"{WEIGHTS_NAME}.json")
+    atomic_write_text(out_dir / f"{WEIGHTS_NAME}.json", json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     ckpt_path.unlink(missing_ok=True)
     return report
 

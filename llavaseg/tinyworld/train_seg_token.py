@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from llavaseg.atomic import atomic_write
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import InputError
 from llavaseg.evaluate import MetricAccumulator
@@ -224,10 +224,7 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict) ->
     tensors = {f"{index}.{key}": value.detach().cpu().contiguous() for index, entry in state["state"].items()
                for key, value in entry.items() if torch.is_tensor(value)}
     body = {"param_groups": state["param_groups"], **meta}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    save_file(tensors, tmp, metadata={"json": json.dumps(body)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"json": json.dumps(body)}))
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict:
