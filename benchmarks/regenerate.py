@@ -30,7 +30,7 @@ import torch
 from llavaseg.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "llavaseg" / "tinyworld" / "weights"
+WEIGHTS = ROOT / "llavaseg" / "weights" / "tinyworld"
 ADAPTERS = ROOT / "adapters" / "tiny-world"
 RESULTS = Path(__file__).resolve().parent / "results" / "regenerate.json"
 MODELS = ("sam", "clip", "mllm", "adapters", "seg-token")
@@ -45,7 +45,7 @@ def _card(path: Path) -> dict[str, Any]:
 
 
 def regenerate_sam(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
-    from llavaseg.tinyworld.train_sam import TrainConfig, train_sam
+    from llavaseg.recipes.train_sam import TrainConfig, train_sam
 
     card = _card(WEIGHTS / "sam_tiny_world.json")
     report = train_sam(TrainConfig(**card["config"]), work, threads=card["threads"])
@@ -55,7 +55,7 @@ def regenerate_sam(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]
 
 
 def regenerate_clip(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
-    from llavaseg.tinyworld.train_clip import ClipTrainConfig, train_clip
+    from llavaseg.recipes.train_clip import ClipTrainConfig, train_clip
 
     card = _card(WEIGHTS / "clip" / "train_report.json")
     report = train_clip(work, ClipTrainConfig(**card["config"]), progress=False)
@@ -69,8 +69,8 @@ def regenerate_clip(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]
 def regenerate_mllm(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
     from llavaseg.models.mllm import FrozenMLLM
     from llavaseg.prompting import PromptSet
-    from llavaseg.tinyworld.mllm_recipe import evaluate_mllm
-    from llavaseg.tinyworld.train_mllm import TrainConfig, save_model, train_mllm
+    from llavaseg.recipes.mllm_data import evaluate_mllm
+    from llavaseg.recipes.train_mllm import TrainConfig, save_model, train_mllm
 
     card = _card(WEIGHTS / "mllm_card.json")
     config = TrainConfig(**card["config"])
@@ -98,8 +98,8 @@ def regenerate_adapters(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, 
 
 
 def regenerate_seg_token(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
-    from llavaseg.tinyworld.generate import default_tinyworld_root
-    from llavaseg.tinyworld.train_seg_token import SegTokenTrainConfig, train
+    from llavaseg.data.tinyworld.generate import default_tinyworld_root
+    from llavaseg.recipes.train_seg_token import SegTokenTrainConfig, train
 
     card = _card(WEIGHTS / "seg_token" / "card.json")
     report = train(SegTokenTrainConfig(**card["config"]), work / "seg_token", work / "checkpoints",

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.speed import format_report, run_speed
+from llavaseg.bench.speed import format_report, run_speed
 
 
 def main() -> None:

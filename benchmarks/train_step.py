@@ -52,7 +52,7 @@ def _median_seconds(step: Callable[[], Any], repeats: int) -> tuple[float, list[
 def _batch(count: int, seed: int) -> tuple[list[np.ndarray], list[str], list[bool], list[np.ndarray], list[tuple]]:
     """``count`` tiny-world train queries (first text of each scene) with images and ground-truth masks."""
     from llavaseg.data.reasonseg import polygons_to_mask
-    from llavaseg.tinyworld.generate import iter_scenes
+    from llavaseg.data.tinyworld.generate import iter_scenes
 
     images, texts, sentences, masks, stages = [], [], [], [], []
     for scene, image, targets, _ in iter_scenes("train", seed=seed, count=count):

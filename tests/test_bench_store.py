@@ -103,7 +103,7 @@ def test_overlay_grid_layout(tmp_path):
 
 
 def test_missing_shipped_weights_suggest_the_tiny_preset():
-    preset = Preset(name="shipped", description="x", mllm="pkg:tinyworld/weights/definitely-missing",
+    preset = Preset(name="shipped", description="x", mllm="pkg:weights/tinyworld/definitely-missing",
                     sam_type="tiny")
     with pytest.raises(InputError, match=r"shipped weights missing.*--preset tiny"):
         check_preset_files(preset)

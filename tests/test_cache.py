@@ -16,7 +16,7 @@ from llavaseg.prompting import PromptSet
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from llavaseg.tinyworld.generate import generate_tinyworld
+    from llavaseg.data.tinyworld.generate import generate_tinyworld
 
     return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=5, sizes={"train": 4, "val": 1})
 

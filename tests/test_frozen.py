@@ -13,7 +13,7 @@ from llavaseg.train import mask_loss
 
 def _tiny_world_batch():
     from llavaseg.data.reasonseg import polygons_to_mask
-    from llavaseg.tinyworld.generate import iter_scenes
+    from llavaseg.data.tinyworld.generate import iter_scenes
 
     images, queries, masks = [], [], []
     for scene, image, targets, _ in iter_scenes("train", seed=11, count=2):

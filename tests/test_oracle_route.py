@@ -11,7 +11,7 @@ import torch
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import InputError
 from llavaseg.routes.llavaseg import adapter_mask_logits, encode_phrases, text_phrases
-from llavaseg.tinyworld.generate import generate_tinyworld
+from llavaseg.data.tinyworld.generate import generate_tinyworld
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llavaseg.seg_token.train import SegSample, warmup_decay
-from llavaseg.tinyworld.train_seg_token import SegTokenTrainConfig, TrainData, _load_optimizer, _save_optimizer, step_samples
+from llavaseg.recipes.train_seg_token import SegTokenTrainConfig, TrainData, _load_optimizer, _save_optimizer, step_samples
 
 
 def _optimizer() -> tuple[torch.nn.Linear, torch.optim.AdamW]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llavaseg.tinyworld.train_clip import (
+from llavaseg.recipes.train_clip import (
     BACKGROUND,
     WEIGHTS_DIR,
     ScenePool,
@@ -19,7 +19,7 @@ from llavaseg.tinyworld.train_clip import (
     multi_positive_clip_loss,
     object_view,
 )
-from llavaseg.tinyworld.vocab import COLORS
+from llavaseg.data.tinyworld.vocab import COLORS
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_multi_positive_loss_hand_numbers():
 
 def test_training_is_deterministic(tmp_path):
     """Two short runs with the same seed write byte-identical weights (the shipped file's regeneration claim)."""
-    from llavaseg.tinyworld.train_clip import ClipTrainConfig, train_clip
+    from llavaseg.recipes.train_clip import ClipTrainConfig, train_clip
 
     config = ClipTrainConfig(steps=3, pool_scenes=16, batch=8, warmup_steps=1)
     for name in ("a", "b"):

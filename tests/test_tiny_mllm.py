@@ -16,8 +16,8 @@ import torch
 from llavaseg.attributes import parse_attributes
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.prompting import PromptSet
-from llavaseg.tinyworld.generate import iter_scenes
-from llavaseg.tinyworld.mllm_recipe import (
+from llavaseg.data.tinyworld.generate import iter_scenes
+from llavaseg.recipes.mllm_data import (
     IGNORE,
     TINY_WORLD_MLLM_SPEC,
     ChatEncoder,
@@ -27,7 +27,7 @@ from llavaseg.tinyworld.mllm_recipe import (
     reason_turns,
 )
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "llavaseg" / "tinyworld" / "weights"
+WEIGHTS = Path(__file__).resolve().parents[1] / "llavaseg" / "weights" / "tinyworld"
 MLLM_DIR = WEIGHTS / "mllm"
 
 
@@ -70,7 +70,7 @@ def test_card_numbers_hold_on_a_fresh_measurement(mllm: FrozenMLLM, prompts: Pro
     targets; the fresh floors catch regressions such as a broken chat template or mismatched processor, which
     drop both to ~0.
     """
-    from llavaseg.tinyworld.mllm_recipe import evaluate_mllm
+    from llavaseg.recipes.mllm_data import evaluate_mllm
 
     card = json.loads((WEIGHTS / "mllm_card.json").read_text())
     assert card["val"]["queries"] > 200
@@ -121,7 +121,7 @@ def test_training_encoding_matches_inference_layout(mllm: FrozenMLLM, prompts: P
 
 
 def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
-    from llavaseg.tinyworld.train_mllm import TrainConfig, train_mllm, weights_digest
+    from llavaseg.recipes.train_mllm import TrainConfig, train_mllm, weights_digest
 
     # eval_every=2: the mid-run val measurement (a deep copy of the model in training) runs too.
     config = TrainConfig(align_steps=2, align_batch=4, align_pool=8, tune_steps=2, tune_scenes=2, warmup=2,
@@ -143,7 +143,7 @@ def test_identity_does_not_depend_on_where_the_model_lives(mllm: FrozenMLLM, tmp
 
 
 def test_answer_positions_are_where_each_answer_is_decided() -> None:
-    from llavaseg.tinyworld.mllm_recipe import answer_positions
+    from llavaseg.recipes.mllm_data import answer_positions
 
     labels = [IGNORE, IGNORE, 7, 3, IGNORE, IGNORE, IGNORE, 9, 8, 3]
     assert answer_positions(labels) == [1, 6]  # the tokens *before* each labelled run
@@ -151,9 +151,9 @@ def test_answer_positions_are_where_each_answer_is_decided() -> None:
 
 
 def test_object_targets_name_the_object_in_cell_target_columns() -> None:
-    from llavaseg.tinyworld.mllm_recipe import AUX_CLASSES, object_targets
-    from llavaseg.tinyworld.scenes import Scene, SceneObject
-    from llavaseg.tinyworld.vocab import COLORS, SHAPES, SIZES
+    from llavaseg.recipes.mllm_data import AUX_CLASSES, object_targets
+    from llavaseg.data.tinyworld.scenes import Scene, SceneObject
+    from llavaseg.data.tinyworld.vocab import COLORS, SHAPES, SIZES
 
     blob = SceneObject(shape="triangle", color="yellow", size="large", cell=(2, 1), location="bottom",
                        center=(64, 107), radius=15.0, rgb=(235, 205, 25), polygon=[[64, 87], [81, 117], [47, 117]],
@@ -166,9 +166,9 @@ def test_object_targets_name_the_object_in_cell_target_columns() -> None:
 
 
 def test_tune_batch_probes_each_answer_for_the_object_it_is_about(prompts: PromptSet) -> None:
-    from llavaseg.tinyworld.mllm_recipe import build_tiny_world_mllm
-    from llavaseg.tinyworld.train_mllm import TrainConfig, tune_batch
-    from llavaseg.tinyworld.vocab import COLORS, LOCATION_GRID, SHAPES, SIZES
+    from llavaseg.recipes.mllm_data import build_tiny_world_mllm
+    from llavaseg.recipes.train_mllm import TrainConfig, tune_batch
+    from llavaseg.data.tinyworld.vocab import COLORS, LOCATION_GRID, SHAPES, SIZES
 
     config = TrainConfig(tune_scenes=2, reason_per_scene=2)
     _, processor = build_tiny_world_mllm(prompts)
@@ -207,8 +207,8 @@ def test_tune_batch_probes_each_answer_for_the_object_it_is_about(prompts: Promp
 def test_referent_probes_learn_from_language_model_states(prompts: PromptSet) -> None:
     """Deep supervision trains the language model itself, not only the probes: a few steps cut the probe loss
     and change the layers below the probed one (the layer above gets no gradient from it)."""
-    from llavaseg.tinyworld.mllm_recipe import build_tiny_world_mllm
-    from llavaseg.tinyworld.train_mllm import ReferentProbes, TrainConfig, tune_batch
+    from llavaseg.recipes.mllm_data import build_tiny_world_mllm
+    from llavaseg.recipes.train_mllm import ReferentProbes, TrainConfig, tune_batch
 
     torch.manual_seed(0)
     model, processor = build_tiny_world_mllm(prompts)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from llavaseg.errors import CheckpointMismatchError
 from llavaseg.models.sam_spec import SAM_SPECS, build_sam_from_spec
-from llavaseg.tinyworld.train_sam import (
+from llavaseg.recipes.train_sam import (
     SPEC_NAME,
     WEIGHTS_DIR,
     WEIGHTS_NAME,

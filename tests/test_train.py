@@ -114,7 +114,7 @@ def test_mixture_is_deterministic_and_single_source_covers_each_epoch() -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from llavaseg.tinyworld.generate import generate_tinyworld
+    from llavaseg.data.tinyworld.generate import generate_tinyworld
 
     return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=3, sizes={"train": 3, "val": 2})
 

@@ -104,7 +104,7 @@ def _reasonseg(args: argparse.Namespace) -> int:
 
     routes = _validate_common(args)
     if args.data is None:
-        from llavaseg.tinyworld.generate import default_tinyworld_root
+        from llavaseg.data.tinyworld.generate import default_tinyworld_root
 
         data = default_tinyworld_root()
     else:
@@ -166,7 +166,7 @@ def _refcoco(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     from llavaseg.bench.runner import check_preset_files
     from llavaseg.models.presets import PRESETS
-    from llavaseg.speed import format_report, run_speed
+    from llavaseg.bench.speed import format_report, run_speed
 
     if args.preset not in PRESETS:
         raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")

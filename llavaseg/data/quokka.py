@@ -4,8 +4,8 @@ imgaug ships ``quokka.jpg`` (a 960x643 photo) and ``quokka_annotations.json`` (a
 the animal). That makes a small, freely redistributable end-to-end check of the data path and the
 evaluator without downloading ReasonSeg. We read both files straight out of the imgaug 0.4.0 wheel (a zip
 archive) and **never import imgaug**: its 0.4.0 release uses NumPy APIs removed in NumPy 2 and fails at
-import time. The wheel is fetched once with ``pip download`` and cached under ``~/.cache/llavaseg/wheels``
-(``$XDG_CACHE_HOME`` is honoured).
+import time. The wheel is fetched once with ``pip download`` and cached in the user cache's ``wheels/`` folder
+(:func:`llavaseg.paths.cache_root`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PIL import Image
 from llavaseg.atomic import atomic_write
 from llavaseg.data.reasonseg import write_reasonseg_sample
 from llavaseg.errors import UnsupportedError
+from llavaseg.paths import cache_dir
 
 __all__ = ["quokka_reasonseg_sample", "imgaug_wheel", "QuokkaUnavailableError", "QUOKKA_TEXTS"]
 
@@ -43,8 +44,7 @@ class QuokkaUnavailableError(UnsupportedError):
 
 
 def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "llavaseg" / "wheels"
+    return cache_dir("wheels")
 
 
 def _valid_wheel(path: Path) -> bool:

@@ -45,10 +45,10 @@ PRESETS: dict[str, Preset] = {
         name="tiny", mllm="random:tiny", sam_type="tiny", clip_model="tiny-clip", adapter_dim=64,
         description="random small models of the real classes; runs offline in seconds; outputs are noise"),
     "tiny-world": Preset(
-        name="tiny-world", mllm="pkg:tinyworld/weights/mllm", sam_type="tiny-world",
-        sam_checkpoint="pkg:tinyworld/weights/sam_tiny_world.safetensors",
-        clip_model="local-dir:pkg:tinyworld/weights/clip", adapters="pkg-adapters:tiny-world", adapter_dim=64,
-        seg_token_model="pkg:tinyworld/weights/seg_token",
+        name="tiny-world", mllm="pkg:weights/tinyworld/mllm", sam_type="tiny-world",
+        sam_checkpoint="pkg:weights/tinyworld/sam_tiny_world.safetensors",
+        clip_model="local-dir:pkg:weights/tinyworld/clip", adapters="pkg-adapters:tiny-world", adapter_dim=64,
+        seg_token_model="pkg:weights/tinyworld/seg_token",
         description="small models pretrained on the procedurally generated tiny world, frozen, plus trained adapters"),
     "llava-1.5-7b": Preset(
         name="llava-1.5-7b", mllm="llava-hf/llava-1.5-7b-hf", sam_type="vit_h",
@@ -80,7 +80,7 @@ def package_path(spec: str) -> Path:
 def tiny_vocabulary() -> list[str]:
     """Words of the tiny world and of the shipped prompt templates (the random tiny MLLM's vocabulary)."""
     from llavaseg.prompting import PromptSet
-    from llavaseg.tinyworld.vocab import VOCAB
+    from llavaseg.data.tinyworld.vocab import VOCAB
 
     prompts = PromptSet.load()
     return [*VOCAB, *" ".join(t.text for t in prompts.templates.values()).replace("{", " ").replace("}", " ").split()]

@@ -115,7 +115,7 @@ def resolve_model(context) -> SegTokenModel:
     if not path.is_dir():
         if str(source).startswith("pkg:"):
             raise UnsupportedError(f"the shipped [SEG] model {source} is missing from this install ({path}); "
-                                   "train it with python -m llavaseg.tinyworld.train_seg_token")
+                                   "train it with python -m llavaseg.recipes.train_seg_token")
         raise InputError(f"[SEG] model directory not found: {path}")
     return load_seg_token_model(path, parts.mllm, parts.sam)
 

@@ -14,7 +14,7 @@ Everything random is seeded from ``(seed, step)``, and the model + optimiser are
 shipped (``seg_token.safetensors``: LoRA, embeddings, LM head, projection, decoder) plus ``seg_token.json`` and
 ``card.json``.
 
-CLI: ``python -m llavaseg.tinyworld.train_seg_token --out llavaseg/tinyworld/weights/seg_token --steps N``
+CLI: ``python -m llavaseg.recipes.train_seg_token --out llavaseg/weights/tinyworld/seg_token --steps N``
 (``--preset tiny`` for a plumbing run on random models).
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from llavaseg.atomic import atomic_write
 from llavaseg.data.reasonseg import ReasonSegDataset
+from llavaseg.paths import TINY_WORLD_WEIGHTS, cache_dir
 from llavaseg.errors import InputError
 from llavaseg.evaluate import MetricAccumulator
 from llavaseg.images import load_image
@@ -47,7 +47,7 @@ from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.model import SegTokenModel, create_seg_token_model
 from llavaseg.seg_token.train import SegSample, make_batch, make_optimizer, seg_token_train_step, warmup_decay
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "seg_token"
+WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "seg_token"
 
 
 class SegTokenTrainConfig(BaseModel):
@@ -323,7 +323,7 @@ def evaluate_into(report: SegTokenTrainReport, model: SegTokenModel, mllm: Froze
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llavaseg.tinyworld.generate import default_tinyworld_root
+    from llavaseg.data.tinyworld.generate import default_tinyworld_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     config = SegTokenTrainConfig(preset=args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                                  lr=args.lr, vqa_rate=args.vqa_rate, eval_limit=args.eval_limit)
     root = args.data or default_tinyworld_root()
-    work = args.work or Path(os.path.expanduser("~/.cache/llavaseg")) / f"train_seg_token-{args.preset}-{args.seed}"
+    work = args.work or cache_dir(f"train_seg_token-{args.preset}-{args.seed}")
     report = train(config, args.out, work, root, max_minutes=args.max_minutes, threads=args.threads)
     print(report.model_dump_json(indent=2, exclude={"loss_curve"}))
     return 0
@@ -351,4 +351,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from llavaseg.cli.common import run_guarded
 
-    raise SystemExit(run_guarded("python -m llavaseg.tinyworld.train_seg_token", main))
+    raise SystemExit(run_guarded("python -m llavaseg.recipes.train_seg_token", main))

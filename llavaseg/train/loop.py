@@ -405,7 +405,7 @@ def _data_root(config: TrainConfig) -> Path:
     if config.data is not None:
         return Path(config.data)
     if config.preset == "tiny-world":
-        from llavaseg.tinyworld.generate import default_tinyworld_root
+        from llavaseg.data.tinyworld.generate import default_tinyworld_root
 
         return default_tinyworld_root()
     raise InputError(f"preset {config.preset!r} has no default data set; pass --data DIR")

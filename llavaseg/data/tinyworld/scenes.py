@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from llavaseg.tinyworld.vocab import COLOR_RGB, COLORS, GRID, IMAGE_SIZE, LOCATION_GRID, SHAPES, SIZE_RADIUS, SIZES
+from llavaseg.data.tinyworld.vocab import COLOR_RGB, COLORS, GRID, IMAGE_SIZE, LOCATION_GRID, SHAPES, SIZE_RADIUS, SIZES
 
 __all__ = [
     "SceneObject",

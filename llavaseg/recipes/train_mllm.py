@@ -5,7 +5,7 @@ Why two stages: a 1.6 M-parameter LLaVA trained naively end to end on shape scen
 and only then instruction-tunes. Here:
 
 1. **align** - the vision tower and projector learn, through throwaway linear heads on the *projected* image
-   tokens, each grid cell's presence, colour, shape, size and cell index (:func:`~llavaseg.tinyworld.mllm_recipe.
+   tokens, each grid cell's presence, colour, shape, size and cell index (:func:`~llavaseg.recipes.mllm_data.
    cell_targets`). With 96 px inputs and 16 px patches each grid cell is 2x2 image tokens, so this is a
    per-token classification (no language model in the loop).
 2. **tune** - the language model, LM head and projector (lower learning rate) learn, the vision tower only at a
@@ -35,7 +35,7 @@ function of ``(seed, stage, step)`` and a checkpoint is written every ``checkpoi
 resumes exactly where it stopped. The result is saved with ``save_pretrained`` (loads with
 ``FrozenMLLM.from_pretrained``) and measured on val with greedy generation; numbers go to ``mllm_card.json``.
 
-CLI: ``python -m llavaseg.tinyworld.train_mllm --out llavaseg/tinyworld/weights/mllm --seed 0``.
+CLI: ``python -m llavaseg.recipes.train_mllm --out llavaseg/weights/tinyworld/mllm --seed 0``.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from llavaseg.atomic import atomic_write, atomic_write_text
+from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.errors import InputError
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.prompting import PromptSet
-from llavaseg.tinyworld.generate import iter_scenes, scene_rng
-from llavaseg.tinyworld.mllm_recipe import (
+from llavaseg.data.tinyworld.generate import iter_scenes, scene_rng
+from llavaseg.recipes.mllm_data import (
     AUX_CLASSES,
     IGNORE,
     TINY_WORLD_MLLM_SPEC,
@@ -75,11 +76,11 @@ from llavaseg.tinyworld.mllm_recipe import (
     pixel_values,
     reason_turns,
 )
-from llavaseg.tinyworld.scenes import Scene, render_scene_array, sample_scene
+from llavaseg.data.tinyworld.scenes import Scene, render_scene_array, sample_scene
 
 __all__ = ["TrainConfig", "AuxHeads", "train_mllm", "main"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = TINY_WORLD_WEIGHTS
 RECIPE = [
     "align: vision tower + projector, per-cell aux heads (discarded), fresh train scenes",
     "tune: LM + LM head (tune_lr), projector (projector_lr), vision tower (vision_lr); per-cell aux heads kept "
@@ -557,4 +558,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from llavaseg.cli.common import run_guarded
 
-    raise SystemExit(run_guarded("python -m llavaseg.tinyworld.train_mllm", main))
+    raise SystemExit(run_guarded("python -m llavaseg.recipes.train_mllm", main))

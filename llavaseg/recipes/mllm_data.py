@@ -28,9 +28,9 @@ from PIL import Image
 from llavaseg.attributes import parse_attributes
 from llavaseg.models.tiny_llava import TinyLlavaSpec, build_tiny_llava, words_of
 from llavaseg.prompting import PromptSet
-from llavaseg.tinyworld.queries import DialogueItem, TargetQuery
-from llavaseg.tinyworld.scenes import Scene
-from llavaseg.tinyworld.vocab import COLORS, GRID, SHAPES, SIZES, VOCAB
+from llavaseg.data.tinyworld.queries import DialogueItem, TargetQuery
+from llavaseg.data.tinyworld.scenes import Scene
+from llavaseg.data.tinyworld.vocab import COLORS, GRID, SHAPES, SIZES, VOCAB
 
 __all__ = [
     "TINY_WORLD_MLLM_SPEC",
@@ -230,7 +230,7 @@ def evaluate_mllm(mllm: Any, prompts: PromptSet, split: str = "val", seed: int =
     attribute sets (stage 2 continues the chat with the model's *own* stage-1 answer, parsed with
     :func:`~llavaseg.attributes.parse_attributes`), and exact match on the split's dialogue items.
     """
-    from llavaseg.tinyworld.generate import iter_scenes
+    from llavaseg.data.tinyworld.generate import iter_scenes
 
     start = time.perf_counter()
     queries: list[tuple[np.ndarray, TargetQuery]] = []

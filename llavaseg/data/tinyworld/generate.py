@@ -10,7 +10,7 @@ Layout written under ``out_root``::
 
 Every scene has its own random generator seeded by ``(seed, split, index)``: splits never share scenes,
 scene ``i`` does not depend on how many scenes come before it, and :func:`iter_scenes` reproduces exactly
-what was written without touching disk. Targets are never occluded (see :mod:`llavaseg.tinyworld.scenes`),
+what was written without touching disk. Targets are never occluded (see :mod:`llavaseg.data.tinyworld.scenes`),
 so the ``target`` polygon is the exact visible outline and no ``ignore`` polygons are needed.
 """
 
@@ -31,8 +31,9 @@ from PIL import Image
 from llavaseg.atomic import atomic_write_text
 from llavaseg.data.reasonseg import write_reasonseg_sample
 from llavaseg.errors import InputError
-from llavaseg.tinyworld.queries import DialogueItem, TargetQuery, make_dialogue, make_target_queries
-from llavaseg.tinyworld.scenes import Scene, render_scene, sample_scene
+from llavaseg.paths import cache_dir
+from llavaseg.data.tinyworld.queries import DialogueItem, TargetQuery, make_dialogue, make_target_queries
+from llavaseg.data.tinyworld.scenes import Scene, render_scene, sample_scene
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -159,20 +160,13 @@ def generate_tinyworld(out_root: Path | str, seed: int = 0, sizes: Mapping[str, 
     return out_root
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("LLAVASEG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llavaseg"
-    )
-    return Path(base)
-
-
 def default_tinyworld_root() -> Path:
     """The benchmark's default data set (seed 0, default sizes), generated once into the user cache.
 
-    Lives at ``$LLAVASEG_CACHE`` or ``~/.cache/llavaseg`` + ``/tinyworld-v1-seed0``. Concurrent first calls
+    Lives in the user cache (:func:`llavaseg.paths.cache_root`) as ``tinyworld-v1-seed0``. Concurrent first calls
     are safe: each builds a private temporary copy, and one rename wins.
     """
-    root = _cache_dir() / f"{GENERATOR_VERSION}-seed0"
+    root = cache_dir(f"{GENERATOR_VERSION}-seed0")
     if _is_tinyworld(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +184,7 @@ def default_tinyworld_root() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m llavaseg.tinyworld.generate --out DIR --seed 0 [--train N --val N --test N]``."""
+    """CLI: ``python -m llavaseg.data.tinyworld.generate --out DIR --seed 0 [--train N --val N --test N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (created or replaced)")
     parser.add_argument("--seed", type=int, default=0)

@@ -29,11 +29,11 @@ positional embedding in the attention pool. (A ViT tower, patch 16, learned colo
 and location near chance within the same budget; the CNN learns shape quickly.)
 
 Scenes come from a private seed stream (``[seed, 7, index]``, disjoint from the train/val/test/sam streams of
-:mod:`llavaseg.tinyworld.generate`); accuracy is measured on the benchmark's val scenes. Every random choice of
+:mod:`llavaseg.data.tinyworld.generate`); accuracy is measured on the benchmark's val scenes. Every random choice of
 step ``s`` is seeded from ``(seed, s)`` and checkpoints hold the optimizer moments, so a resumed run equals an
 uninterrupted one. Weights are stored as float16 (the 49408-row token table dominates the file).
 
-CLI: ``python -m llavaseg.tinyworld.train_clip --out llavaseg/tinyworld/weights/clip --steps 800``.
+CLI: ``python -m llavaseg.recipes.train_clip --out llavaseg/weights/tinyworld/clip --steps 800``.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from llavaseg.atomic import atomic_write, atomic_write_text
+from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.errors import InputError
 from llavaseg.models.text_encoder import FrozenTextEncoder, save_local_dir
 from llavaseg.routes.training_free import proposal_view
-from llavaseg.tinyworld.generate import scene_rng
-from llavaseg.tinyworld.scenes import label_map, render_scene_array, sample_scene
-from llavaseg.tinyworld.vocab import COLORS, LOCATIONS, SHAPES, SIZES
+from llavaseg.data.tinyworld.generate import scene_rng
+from llavaseg.data.tinyworld.scenes import label_map, render_scene_array, sample_scene
+from llavaseg.data.tinyworld.vocab import COLORS, LOCATIONS, SHAPES, SIZES
 
 __all__ = [
     "MODEL_NAME",
@@ -80,7 +81,7 @@ __all__ = [
 ]
 
 MODEL_NAME = "tinyworld-clip"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "clip"
+WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "clip"
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": COLORS, "shape": SHAPES, "size": SIZES, "location": LOCATIONS}
 _CLIP_STREAM = 7  # seed-stream id of the CLIP pretraining scenes (generate.SPLIT_CODES uses 0..3)
 _BATCH_STREAM = 9
@@ -476,4 +477,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from llavaseg.cli.common import run_guarded
 
-    raise SystemExit(run_guarded("python -m llavaseg.tinyworld.train_clip", main))
+    raise SystemExit(run_guarded("python -m llavaseg.recipes.train_clip", main))

@@ -9,11 +9,11 @@ loss for the IoU head. It goes through the standard path (``image_encoder(prepro
 ``prompt_encoder(points, boxes, masks=None)``, ``mask_decoder``), decoding one image embedding with all of
 that image's prompts at a time, as the decoder expects.
 
-Scenes come from the endless ``"sam"`` split stream of :mod:`llavaseg.tinyworld.generate`, disjoint from the
+Scenes come from the endless ``"sam"`` split stream of :mod:`llavaseg.data.tinyworld.generate`, disjoint from the
 val/test scenes the result is measured on. Everything that is random is seeded from ``(seed, step)``, so a run
 resumed from its checkpoint continues exactly like an uninterrupted one.
 
-CLI: ``python -m llavaseg.tinyworld.train_sam --out llavaseg/tinyworld/weights --steps N --seed 0``.
+CLI: ``python -m llavaseg.recipes.train_sam --out llavaseg/weights/tinyworld --steps N --seed 0``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from llavaseg.atomic import atomic_write, atomic_write_text
+from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.models.sam_spec import SAM_SPECS, build_sam_from_spec
-from llavaseg.tinyworld.generate import scene_rng
-from llavaseg.tinyworld.scenes import object_masks, render_scene_array, sample_scene
+from llavaseg.data.tinyworld.generate import scene_rng
+from llavaseg.data.tinyworld.scenes import object_masks, render_scene_array, sample_scene
 
 __all__ = [
     "SPEC_NAME",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 SPEC_NAME = "tiny-world"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = TINY_WORLD_WEIGHTS
 WEIGHTS_NAME = "sam_tiny_world"
 
 
@@ -370,4 +371,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from llavaseg.cli.common import run_guarded
 
-    raise SystemExit(run_guarded("python -m llavaseg.tinyworld.train_sam", main))
+    raise SystemExit(run_guarded("python -m llavaseg.recipes.train_sam", main))
