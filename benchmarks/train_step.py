@@ -83,7 +83,8 @@ class _Query:
 
 def adapter_half(parts: Any, prompts: Any, images, texts, sentences, masks, *, repeats: int) -> dict[str, Any]:
     from llavaseg.cache import FeatureCache, build_cache, cache_identity
-    from llavaseg.routes.llavaseg import encode_phrases, run_stages, text_phrases
+    from llavaseg.method.segment import encode_phrases, text_phrases
+    from llavaseg.method.stages import run_stages
     from llavaseg.train import adapter_train_step
 
     adapters, sam = parts.adapters, parts.sam

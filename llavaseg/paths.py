@@ -10,7 +10,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["cache_root", "cache_dir", "package_dir", "shipped_weights_dir", "TINY_WORLD_WEIGHTS"]
+__all__ = ["cache_root", "cache_dir", "package_dir", "shipped_weights_dir", "portable_path", "TINY_WORLD_WEIGHTS"]
 
 
 def cache_root() -> Path:
@@ -39,3 +39,15 @@ def shipped_weights_dir(*parts: str) -> Path:
 
 TINY_WORLD_WEIGHTS = Path(__file__).resolve().parent / "weights" / "tinyworld"
 """The shipped tiny-world models (the recipes write here by default)."""
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as a record should hold it: inside the user cache or the package, relative to a named root
+    (``<cache>/...``, ``<llavaseg>/...``), so a shipped card does not carry one machine's install paths."""
+    resolved = Path(path).expanduser().resolve()
+    for label, root in (("<cache>", cache_root()), ("<llavaseg>", package_dir())):
+        try:
+            return f"{label}/{resolved.relative_to(root.expanduser().resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)

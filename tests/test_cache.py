@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llavaseg.cache import FeatureCache, TeacherStages, build_cache, cache_identity
+from llavaseg.cache import FeatureCache, build_cache, cache_identity
+from llavaseg.data.annotations import GroundTruthStages
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.prompting import PromptSet
@@ -116,7 +117,7 @@ def test_teacher_mode_reads_ground_truth_stages_and_is_labelled(world, models, t
     assert identity.stage_source == "teacher" and "teacher" in identity.mllm and identity.prompts == {}
     cache = FeatureCache(tmp_path / "t", identity)
     query = next(iter(dataset.queries()))
-    keys = build_cache(cache, [query], sam=sam, text_encoder=text_encoder, teacher=TeacherStages.for_dataset(dataset),
+    keys = build_cache(cache, [query], sam=sam, text_encoder=text_encoder, ground_truth=GroundTruthStages.for_dataset(dataset),
                        progress=False)
     entry = cache.entry(keys[0])
     record = next(json.loads(line) for line in (world / "train" / "stages.jsonl").read_text().splitlines()

@@ -7,7 +7,8 @@ import torch
 
 from llavaseg.models.presets import PRESETS, build_components
 from llavaseg.prompting import PromptSet
-from llavaseg.routes.llavaseg import adapter_mask_logits, encode_phrases, run_stages, text_phrases
+from llavaseg.method.segment import adapter_mask_logits, encode_phrases, text_phrases
+from llavaseg.method.stages import run_stages
 from llavaseg.train import mask_loss
 
 

@@ -10,7 +10,7 @@ import torch
 
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import InputError
-from llavaseg.routes.llavaseg import adapter_mask_logits, encode_phrases, text_phrases
+from llavaseg.method.segment import adapter_mask_logits, encode_phrases, text_phrases
 from llavaseg.data.tinyworld.generate import generate_tinyworld
 
 

@@ -13,7 +13,6 @@ instead of re-encoding the image and prompt (``reuse_cache``), with identical re
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections import OrderedDict
@@ -27,30 +26,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
+from llavaseg.models.common import freeze, resolve_dtype
 
 Quantization = Literal["4bit", "8bit"] | None
 
 _SENTINEL = "\u2063LLAVASEG_ANSWER\u2063"
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """``"auto"``/None picks float32 on CPU (bf16 matmuls are slow there) and bfloat16 on accelerators."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)} or 'auto'")
-    return table[dtype]
-
-
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    """Turn off gradients for every parameter and switch to eval mode (dropout off)."""
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module.eval()
 
 
 def _bitsandbytes_config(quantization: Quantization, compute_dtype: torch.dtype) -> Any:
@@ -346,8 +326,3 @@ class FrozenMLLM:
         """The model's ordinary single-turn chat answer to each question (what users see in a chat UI)."""
         return [turns[0] for turns in self.converse(images, [[q] for q in questions],
                                                     max_new_tokens=max_new_tokens)]
-
-    def clone_frozen(self) -> FrozenMLLM:
-        """A deep copy (used by routes that fine-tune their own copy and must leave this one untouched)."""
-        return FrozenMLLM(copy.deepcopy(self.model), self.processor, name=self.name,
-                          max_new_tokens=self.max_new_tokens)

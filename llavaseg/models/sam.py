@@ -9,19 +9,20 @@ image once, and decodes any number of prompt sets against the cached features.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.images import image_digest
-from llavaseg.models.mllm import freeze
+from llavaseg.models.common import freeze
 from llavaseg.models.sam_spec import SAM_SPECS, SamSpec, build_sam_from_spec
 
 
@@ -41,6 +42,38 @@ class SamImageFeatures:
     def to(self, device: torch.device | str) -> SamImageFeatures:
         return SamImageFeatures(self.embedding.to(device), [level.to(device) for level in self.levels],
                                 self.input_size, self.original_size)
+
+
+FEATURES_FORMAT = "llavaseg-sam-features-v1"
+
+
+def save_sam_features(path: str | Path, features: SamImageFeatures) -> None:
+    """Write one image's features as safetensors (``embedding``, ``level_<i>``), atomically.
+
+    The one on-disk form of SAM features: the encoder's disk cache and the training feature cache both use it.
+    Metadata is a single JSON key, so the header (and the file) is byte-identical for identical features.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {"embedding": features.embedding.detach().cpu().contiguous()}
+    tensors.update({f"level_{i}": level.detach().cpu().contiguous() for i, level in enumerate(features.levels)})
+    meta = {"llavaseg": json.dumps({"format": FEATURES_FORMAT, "input_size": list(features.input_size),
+                                    "original_size": list(features.original_size),
+                                    "num_levels": len(features.levels)}, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_sam_features(path: str | Path, device: str = "cpu") -> SamImageFeatures:
+    """Read features written by :func:`save_sam_features`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as handle:
+        meta = json.loads(handle.metadata()["llavaseg"])
+        if meta.get("format") != FEATURES_FORMAT:
+            raise CheckpointMismatchError(f"{path}: not a llavaseg SAM feature file ({meta.get('format')})")
+        embedding = handle.get_tensor("embedding")
+        levels = [handle.get_tensor(f"level_{i}") for i in range(int(meta["num_levels"]))]
+    return SamImageFeatures(embedding, levels, tuple(meta["input_size"]), tuple(meta["original_size"]))
 
 
 def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec) -> None:
@@ -205,29 +238,12 @@ class FrozenSAM:
         path = self._disk_path(key)
         if path is None or not path.is_file():
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device=str(self.device)) as handle:
-            meta = handle.metadata()
-            levels = [handle.get_tensor(f"level_{i}") for i in range(len(self.feature_layers))]
-            embedding = handle.get_tensor("embedding")
-        return SamImageFeatures(embedding, levels, (int(meta["input_h"]), int(meta["input_w"])),
-                                (int(meta["original_h"]), int(meta["original_w"])))
+        return load_sam_features(path, device=str(self.device))
 
     def _save_to_disk(self, key: str, features: SamImageFeatures) -> None:
         path = self._disk_path(key)
-        if path is None:
-            return
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"embedding": features.embedding.cpu().contiguous(),
-                   **{f"level_{i}": level.cpu().contiguous() for i, level in enumerate(features.levels)}}
-        meta = {"input_h": str(features.input_size[0]), "input_w": str(features.input_size[1]),
-                "original_h": str(features.original_size[0]), "original_w": str(features.original_size[1])}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        if path is not None:
+            save_sam_features(path, features)
 
     # ------------------------------------------------------------------------------------------- decoding
     def no_mask_dense(self, batch: int) -> torch.Tensor:
@@ -280,10 +296,3 @@ class FrozenSAM:
         sparse, dense = self.sam.prompt_encoder(points=(coords_t, labels_t), boxes=None, masks=None)
         low, iou = self.decode(features, sparse, dense, multimask_output)
         return (self.upscale(low, features) > self.sam.mask_threshold).cpu().numpy(), iou.cpu().numpy()
-
-
-def interpolate_level(level: torch.Tensor, size: int) -> torch.Tensor:
-    """Average-pool (or keep) a B x D x g x g level to ``size`` x ``size``: the adapters' coarser scales."""
-    if level.shape[-1] == size:
-        return level
-    return F.adaptive_avg_pool2d(level, size)

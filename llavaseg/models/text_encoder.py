@@ -21,7 +21,7 @@ from PIL import Image
 
 from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
-from llavaseg.models.mllm import freeze
+from llavaseg.models.common import freeze
 
 _CONFIG_DIR = Path(__file__).with_name("clip_configs")
 open_clip.add_model_config(_CONFIG_DIR)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from llavaseg.errors import InputError
 from llavaseg.models.presets import Components, Preset
@@ -35,10 +34,6 @@ class RouteContext:
     device: str = "cpu"
     with_answer: bool = True
     options: dict[str, object] = field(default_factory=dict)  # route-specific, e.g. seg_token_model=Path
-
-    def option_path(self, key: str) -> Path | None:
-        value = self.options.get(key)
-        return Path(str(value)) if value is not None else None
 
 
 def build_route(name: str, context: RouteContext) -> Route:

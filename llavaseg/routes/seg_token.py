@@ -32,10 +32,10 @@ from llavaseg.errors import InputError, UnsupportedError
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.presets import package_path
 from llavaseg.results import SegmentationResult
-from llavaseg.routes.base import StageTimer
 from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.model import SegTokenModel
 from llavaseg.seg_token.prompts import strip_seg
+from llavaseg.timing import StageTimer
 
 
 class SegTokenRoute:

@@ -47,8 +47,8 @@ from llavaseg.models.sam import FrozenSAM
 from llavaseg.models.text_encoder import FrozenTextEncoder
 from llavaseg.prompting import PromptSet
 from llavaseg.results import SegmentationResult
-from llavaseg.routes.base import StageTimer
-from llavaseg.routes.llavaseg import StageOutputs, run_stages
+from llavaseg.method.stages import StageOutputs, run_stages
+from llavaseg.timing import StageTimer
 
 __all__ = [
     "VIEW_FILL",

@@ -300,13 +300,5 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
     return model.eval()
 
 
-def describe_mapping(mapping: LisaKeyMapping) -> dict[str, Any]:
-    """Counts per destination (for logs and reports)."""
-    return {"llava": len(mapping.llava), "text_hidden_fcs": len(mapping.text_hidden_fcs),
-            "mask_decoder": len(mapping.mask_decoder), "frozen_sam_checked": len(mapping.frozen_sam),
-            "projector": mapping.projector, "vision_tower_in_checkpoint": mapping.has_vision_tower,
-            "unmapped": dict(mapping.unmapped)}
-
-
 __all__ = ["LisaKeyMapping", "map_lisa_state_dict", "read_lisa_state_dict", "load_lisa_checkpoint",
-           "llava_v1_chat_template", "describe_mapping"]
+           "llava_v1_chat_template"]

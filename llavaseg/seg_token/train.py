@@ -21,9 +21,10 @@ from PIL import Image
 from llavaseg.errors import InputError, TemplateError
 from llavaseg.models.sam import SamImageFeatures
 from llavaseg.seg_token.inference import render
-from llavaseg.seg_token.losses import LossWeights, mask_losses
+from llavaseg.losses import LossWeights, mask_losses
 from llavaseg.seg_token.model import SegTokenModel, select_seg_hidden
 from llavaseg.seg_token.prompts import SEG_TOKEN, training_answer, training_request
+from llavaseg.train.schedule import lambda_scheduler
 
 IGNORE_INDEX = -100
 
@@ -150,14 +151,9 @@ def make_optimizer(model: SegTokenModel, lr: float = 3e-4) -> torch.optim.AdamW:
 
 def warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, last_epoch: int = -1
                  ) -> torch.optim.lr_scheduler.LambdaLR:
-    """DeepSpeed ``WarmupDecayLR`` (linear warm-up from 0, then linear decay to 0 at ``total_steps``);
-    ``last_epoch`` as in torch (``step - 1`` when resuming an optimiser whose state was restored)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(warmup_steps, 1)
-        return max(0.0, (total_steps - step) / max(total_steps - warmup_steps, 1))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)
+    """LISA's DeepSpeed ``WarmupDecayLR``: linear warm-up from 0, then linear decay to 0 at ``total_steps``."""
+    return lambda_scheduler(optimizer, warmup=warmup_steps, total=total_steps, schedule="linear",
+                            last_epoch=last_epoch)
 
 
 def seg_token_train_step(model: SegTokenModel, batch: SegTokenBatch, optimizer: torch.optim.Optimizer, *,

@@ -1,0 +1,139 @@
+"""Filling a feature cache: the frozen models run once per image and query, resumably."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from llavaseg.attributes import Attributes
+from llavaseg.cache.identity import StageSource
+from llavaseg.cache.store import FeatureCache, QueryEntry
+from llavaseg.data.annotations import GroundTruthStages, StageRecord
+from llavaseg.data.base import SegQuery
+from llavaseg.errors import DatasetFormatError, InputError
+from llavaseg.images import image_digest
+from llavaseg.method.segment import text_phrases
+from llavaseg.method.stages import run_stages
+from llavaseg.models.sam import FrozenSAM
+from llavaseg.models.text_encoder import FrozenTextEncoder
+
+__all__ = ["query_key", "build_cache"]
+
+
+def _digest_bytes(*parts: str | bytes) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def query_key(image_key: str, text: str, mask: np.ndarray, ground_truth: tuple[str, dict[str, str]] | None = None) -> str:
+    """Content key of a query: same pixels, text, ground truth (and ground-truth stages) -> same key."""
+    mask_digest = _digest_bytes(str(mask.shape), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    extra = json.dumps(ground_truth, sort_keys=True) if ground_truth is not None else ""
+    return _digest_bytes(image_key, text, mask_digest, extra)
+
+
+class _Pending:
+    """One query waiting for its batch: everything needed to compute and store its entry."""
+
+    __slots__ = ("query", "image", "digest", "mask", "key", "stage")
+
+    def __init__(self, query: SegQuery, image: np.ndarray, digest: str, mask: np.ndarray, key: str,
+                 stage: StageRecord | None) -> None:
+        self.query, self.image, self.digest, self.mask, self.key, self.stage = query, image, digest, mask, key, stage
+
+
+def _stage_texts(pending: list[_Pending], source: StageSource, mllm: Any, prompts: Any
+                 ) -> list[tuple[str, Attributes, str, str, str]]:
+    """(description, attributes, parse method, raw stage-1 text, raw stage-2 text) of every pending query."""
+    if source == "teacher":
+        return [(p.stage.description, Attributes(**p.stage.attributes), "teacher", "", "")  # type: ignore[union-attr]
+                for p in pending]
+    outputs = run_stages(mllm, prompts, [p.image for p in pending], [p.query.text for p in pending])
+    return [(o.description, o.attributes, o.attribute_parse, o.reason_output, o.attributes_output) for o in outputs]
+
+
+def _store_batch(cache: FeatureCache, pending: list[_Pending], *, sam: FrozenSAM, text_encoder: FrozenTextEncoder,
+                 mllm: Any, prompts: Any) -> None:
+    """Run the frozen models on one batch of pending queries and write their images and one query shard."""
+    new_images: dict[str, np.ndarray] = {}
+    for item in pending:
+        if not cache.has_image(item.digest) and item.digest not in new_images:
+            new_images[item.digest] = item.image
+    if new_images:
+        for digest, features in zip(new_images, sam.encode_batch(list(new_images.values())), strict=True):
+            cache.put_image(digest, features)
+    source = cache.identity.stage_source
+    stages = _stage_texts(pending, source, mllm, prompts)
+    phrase_lists = [text_phrases(d, a, True, cache.identity.max_text_tokens) for d, a, *_ in stages]
+    flat = text_encoder.encode_text([p for phrases in phrase_lists for p in phrases])
+    entries, texts, offset = [], [], 0
+    for item, (description, attributes, parse, raw_r, raw_a), phrases in zip(pending, stages, phrase_lists,
+                                                                             strict=True):
+        texts.append(flat[offset: offset + len(phrases)].clone())
+        offset += len(phrases)
+        query = item.query
+        entries.append(QueryEntry(
+            key=item.key, query_id=str(query.query_id), sample_id=str(query.sample_id),
+            text_index=int(query.text_index), text=query.text, is_sentence=bool(query.is_sentence),
+            image=item.digest, shard="", source=source, description=description,
+            attributes=dict(attributes.items()), attribute_parse=str(parse), reason_output=raw_r,
+            attributes_output=raw_a, phrases=phrases))
+    cache.put_queries(entries, texts, [item.mask for item in pending])
+
+
+def _pending_query(query: SegQuery, ground_truth: GroundTruthStages | None) -> _Pending:
+    image = query.load_image()
+    mask = np.asarray(query.load_mask(), dtype=np.uint8)
+    if mask.shape != image.shape[:2]:
+        raise DatasetFormatError(f"query {query.query_id}: mask {mask.shape} does not match image {image.shape[:2]}")
+    digest = image_digest(image)
+    stage = ground_truth.lookup(query) if ground_truth is not None else None
+    key = query_key(digest, query.text, mask, (stage.description, stage.attributes) if stage else None)
+    return _Pending(query, image, digest, mask, key, stage)
+
+
+def build_cache(cache: FeatureCache, queries: Iterable[SegQuery], *, sam: FrozenSAM,
+                text_encoder: FrozenTextEncoder, mllm: Any = None, prompts: Any = None,
+                ground_truth: GroundTruthStages | None = None, batch_size: int = 8, progress: bool = True,
+                desc: str = "caching features") -> list[str]:
+    """Compute and store the frozen models' outputs for ``queries``; return their cache keys in order.
+
+    Resumable: queries whose key is already cached are skipped (no model runs for them), images already
+    cached are not re-encoded. ``ground_truth`` replaces the MLLM's stage outputs by the split's ground-truth
+    stages (the cache's identity must then say ``stage_source="teacher"``).
+    """
+    from tqdm.auto import tqdm
+
+    source: StageSource = cache.identity.stage_source
+    if (ground_truth is not None) != (source == "teacher"):
+        raise InputError(f"cache identity says stage_source={source!r} but ground-truth stages were "
+                         f"{'given' if ground_truth is not None else 'not given'}")
+    if source == "mllm" and (mllm is None or prompts is None):
+        raise InputError("building an MLLM-stage cache needs the MLLM and the prompt templates")
+    queries = list(queries)
+    keys: list[str] = []
+    pending: list[_Pending] = []
+    models = {"sam": sam, "text_encoder": text_encoder, "mllm": mllm, "prompts": prompts}
+    with tqdm(total=len(queries), desc=desc, disable=not progress, unit="query", leave=False) as bar:
+        for query in queries:
+            item = _pending_query(query, ground_truth)
+            keys.append(item.key)
+            if cache.has_query(item.key) or any(p.key == item.key for p in pending):
+                bar.update(1)
+                continue
+            pending.append(item)
+            if len(pending) >= batch_size:
+                _store_batch(cache, pending, **models)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            _store_batch(cache, pending, **models)
+            bar.update(len(pending))
+    return keys
