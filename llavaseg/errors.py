@@ -29,5 +29,5 @@ class UnsupportedError(LlavasegError, RuntimeError):
     """The requested feature (e.g. 4-bit loading) is unavailable on this platform or install."""
 
 
-class DatasetFormatError(LlavasegError, ValueError):
-    """A dataset file does not follow the format its loader expects."""
+class DatasetFormatError(InputError):
+    """A dataset file does not follow the format its loader expects (a kind of bad input)."""

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llavaseg.seg_token.train import SegSample, warmup_decay
-from llavaseg.recipes.train_seg_token import SegTokenTrainConfig, TrainData, _load_optimizer, _save_optimizer, step_samples
+from llavaseg.recipes.train_seg_token import SegTokenTrainConfig, TrainData, step_samples
+from llavaseg.train.state import load_state, save_state
 
 
 def _optimizer() -> tuple[torch.nn.Linear, torch.optim.AdamW]:
@@ -36,11 +37,13 @@ def test_optimizer_checkpoint_resumes_exactly(tmp_path):
         layer(torch.ones(1, 3)).sum().backward()
         optimizer.step()
         scheduler.step()
-    _save_optimizer(optimizer, tmp_path / "opt.safetensors", {"step": 3})
+    save_state(tmp_path / "state", step=3, identity={}, model=layer.state_dict(), optimizer=optimizer,
+               scheduler=scheduler)
     restored_layer, restored = _optimizer()
-    restored_layer.load_state_dict(layer.state_dict())
-    assert _load_optimizer(restored, tmp_path / "opt.safetensors") == {"step": 3}
-    resumed = warmup_decay(restored, 2, 10, last_epoch=2)
+    resumed = warmup_decay(restored, 2, 10)
+    state = load_state(tmp_path / "state", identity={}, optimizer=restored, scheduler=resumed)
+    restored_layer.load_state_dict(state.model)
+    assert state.step == 3
     assert restored.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"]) == pytest.approx(0.875)
     for model, opt, sched in ((layer, optimizer, scheduler), (restored_layer, restored, resumed)):
         opt.zero_grad()

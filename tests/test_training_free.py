@@ -11,17 +11,16 @@ import torch
 from llavaseg.errors import InputError
 from llavaseg.routes import training_free as tf
 from llavaseg.routes.training_free import (
-    VIEW_FILL,
     Proposals,
     TrainingFreeOptions,
     combined_scores,
     dedupe_masks,
     mask_iou_matrix,
     point_grid,
-    proposal_view,
     select_masks,
     wants_several,
 )
+from llavaseg.views import VIEW_FILL, proposal_view
 
 
 def _square(y0: int, x0: int, side: int, size: int = 32) -> np.ndarray:

@@ -33,10 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from llavaseg.bench.jsonl import append_jsonl, read_jsonl
+from llavaseg.data.annotations import DialogueRecord, read_records
 from llavaseg.errors import InputError
 from llavaseg.images import load_image
 
@@ -139,38 +140,23 @@ def _resolve_image(raw: str, base_dir: Path, where: str) -> Path:
 
 
 def load_dialogue(path: Path, *, max_images: int | None = None) -> list[DialogueItem]:
-    """Read a dialogue JSONL file (``{"image", "question", "answer"}`` per line).
+    """Read a dialogue JSONL file (:class:`~llavaseg.data.annotations.DialogueRecord` per line).
 
     ``max_images`` keeps the items of the first N distinct images only (``--limit`` applies to dialogue
     too, so a quick run stays quick). Images are resolved now, so a broken file fails before any model runs.
     """
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dialogue file not found: {path}")
     items: list[DialogueItem] = []
     seen_images: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("image", "question", "answer")):
-            raise InputError(f"{where}: needs string fields 'image', 'question' and 'answer'")
-        if row["image"] not in seen_images:
+    for number, record in enumerate(read_records(path, DialogueRecord), start=1):
+        if record.image not in seen_images:
             if max_images is not None and len(seen_images) >= max_images:
                 continue
-            seen_images.append(row["image"])
-        image = _resolve_image(row["image"], path.parent, where)
-        try:
-            items.append(DialogueItem(index=len(items), image=str(image), question=row["question"],
-                                      answer=row["answer"]))
-        except ValidationError as exc:
-            raise InputError(f"{where}: {exc.errors()[0]['msg']}") from None
+            seen_images.append(record.image)
+        image = _resolve_image(record.image, path.parent, f"{path}: record {number}")
+        items.append(DialogueItem(index=len(items), image=str(image), question=record.question, answer=record.answer))
     if not items:
         raise InputError(f"dialogue file {path} has no items")
     return items

@@ -34,6 +34,7 @@ from llavaseg.bench.jsonl import append_jsonl, read_jsonl
 from llavaseg.bench.overlays import OverlayRow, write_grid
 from llavaseg.bench.records import BenchRecord, record_from_error, record_from_result
 from llavaseg.bench.report import BenchResults, Environment, RouteSummary, make_console, render_table, write_results
+from llavaseg.data.annotations import STAGES_FILE
 from llavaseg.errors import InputError, LlavasegError
 from llavaseg.evaluate import SplitMetrics, summarize
 from llavaseg.images import check_query
@@ -298,7 +299,7 @@ def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, s
     write_run_config(out, config)
 
     options: dict[str, object] = {}
-    if settings.benchmark == "reasonseg" and (Path(settings.data) / settings.split / "stages.jsonl").is_file():
+    if settings.benchmark == "reasonseg" and (Path(settings.data) / settings.split / STAGES_FILE).is_file():
         options["reference_data"] = (settings.data, settings.split)  # enables route llavaseg-oracle
     context = RouteContext(parts, prompts, preset=PRESETS[settings.preset], device=settings.device, options=options)
     routes: dict[str, object] = {}

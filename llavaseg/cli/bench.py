@@ -18,6 +18,7 @@ import itertools
 import sys
 from pathlib import Path
 
+from llavaseg.atomic import atomic_write_text
 from llavaseg.cli.common import add_device_argument, check_device, run_guarded
 from llavaseg.errors import InputError
 
@@ -100,26 +101,27 @@ def _validate_common(args: argparse.Namespace) -> list[str] | None:
 
 def _reasonseg(args: argparse.Namespace) -> int:
     from llavaseg.bench.runner import BenchSettings, run_benchmark
-    from llavaseg.data.reasonseg import ReasonSegDataset
+    from llavaseg.data.annotations import DIALOGUE_FILE
+    from llavaseg.data.registry import DataSource, default_tiny_world_source, open_dataset
 
     routes = _validate_common(args)
     if args.data is None:
-        from llavaseg.data.tinyworld.generate import default_tinyworld_root
-
-        data = default_tinyworld_root()
+        source = default_tiny_world_source(args.split, first_text_only=args.first_text_only)
     else:
-        data = args.data.expanduser()
-        if not data.exists():
-            raise InputError(f"--data {data} does not exist")
-    dataset = ReasonSegDataset(data, args.split, first_text_only=args.first_text_only)
+        if not args.data.expanduser().exists():
+            raise InputError(f"--data {args.data} does not exist")
+        source = DataSource(kind="reasonseg", path=args.data.expanduser(), split=args.split,
+                            first_text_only=args.first_text_only)
+    dataset = open_dataset(source)
+    data = source.path
     queries = list(itertools.islice(dataset.queries(), args.limit))
     dialogue = None
     if not args.no_dialogue:
         dialogue = args.dialogue
-        if dialogue is None and (dataset.split_dir / "dialogue.jsonl").is_file():
-            dialogue = dataset.split_dir / "dialogue.jsonl"
+        if dialogue is None and (dataset.split_dir / DIALOGUE_FILE).is_file():
+            dialogue = dataset.split_dir / DIALOGUE_FILE
         if dialogue is None:
-            print(f"note: no {dataset.split_dir / 'dialogue.jsonl'}; dialogue preservation is skipped "
+            print(f"note: no {dataset.split_dir / DIALOGUE_FILE}; dialogue preservation is skipped "
                   "(pass --dialogue FILE to measure it)", file=sys.stderr)
     settings = BenchSettings(
         benchmark="reasonseg", preset=args.preset,
@@ -134,7 +136,7 @@ def _reasonseg(args: argparse.Namespace) -> int:
 
 def _refcoco(args: argparse.Namespace) -> int:
     from llavaseg.bench.runner import BenchSettings, run_benchmark
-    from llavaseg.data.refcoco import RefCocoDataset
+    from llavaseg.data.registry import DataSource, open_dataset
 
     routes = _validate_common(args)
     splits = list(dict.fromkeys(s.strip() for s in args.split.split(",") if s.strip()))
@@ -144,7 +146,8 @@ def _refcoco(args: argparse.Namespace) -> int:
         raise InputError(f"--data {args.data} does not exist")
     queries, groups = [], {}
     for split in splits:
-        dataset = RefCocoDataset(args.data, args.dataset, args.split_by, split, image_dir=args.image_dir)
+        dataset = open_dataset(DataSource(kind="refcoco", path=args.data, split=split, refcoco_dataset=args.dataset,
+                                          split_by=args.split_by, image_dir=args.image_dir))
         for query in dataset.queries():
             queries.append(query)
             groups[query.query_id] = split
@@ -174,10 +177,7 @@ def _speed(args: argparse.Namespace) -> int:
     report = run_speed(args.preset, full=not args.quick, repeats=max(1, args.repeats))
     print(format_report(report))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(report.model_dump_json(indent=2))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, report.model_dump_json(indent=2))
     return 0
 
 

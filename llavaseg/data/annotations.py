@@ -75,7 +75,7 @@ def read_records(path: Path | str, model: type[RecordT]) -> list[RecordT]:
         except ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"]) or "record"
-            raise DatasetFormatError(f"{path} line {number}: {where}: {error['msg']}") from None
+            raise DatasetFormatError(f"{path} line {number}: field '{where}': {error['msg']}") from None
     return records
 
 

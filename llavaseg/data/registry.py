@@ -31,6 +31,7 @@ class DataSource(BaseModel):
     rate: float = Field(1.0, gt=0)
     refcoco_dataset: str = "refcoco"
     split_by: str = "unc"
+    image_dir: Path | None = None  # refcoco: where the COCO images are (default: refer's layout under path)
     first_text_only: bool = False
 
 
@@ -43,7 +44,8 @@ def _reasonseg(source: DataSource) -> Any:
 def _refcoco(source: DataSource) -> Any:
     from llavaseg.data.refcoco import RefCocoDataset
 
-    return RefCocoDataset(source.path, source.refcoco_dataset, source.split_by, source.split)
+    return RefCocoDataset(source.path, source.refcoco_dataset, source.split_by, source.split,
+                          image_dir=source.image_dir)
 
 
 def _jsonl(source: DataSource) -> Any:

@@ -39,8 +39,7 @@ CLI: ``python -m llavaseg.recipes.train_clip --out llavaseg/weights/tinyworld/cl
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -51,14 +50,14 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from llavaseg.atomic import atomic_write, atomic_write_text
+from llavaseg.atomic import atomic_write_text
 from llavaseg.paths import TINY_WORLD_WEIGHTS
-from llavaseg.errors import InputError
 from llavaseg.models.text_encoder import FrozenTextEncoder, save_local_dir
-from llavaseg.routes.training_free import proposal_view
+from llavaseg.train.schedule import warmup_cosine_lr
+from llavaseg.train.state import load_state, save_state
+from llavaseg.views import proposal_view
 from llavaseg.data.tinyworld.generate import scene_rng
 from llavaseg.data.tinyworld.scenes import label_map, render_scene_array, sample_scene
 from llavaseg.data.tinyworld.vocab import COLORS, LOCATIONS, SHAPES, SIZES
@@ -343,48 +342,6 @@ def evaluate_retrieval(encoder: FrozenTextEncoder, n_scenes: int = 100, split: s
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _lr(config: ClipTrainConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     losses: list[float], config: ClipTrainConfig) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    names = [n for n, _ in model.named_parameters()]
-    for name, param in zip(names, (p for g in optimizer.param_groups for p in g["params"])):
-        state = optimizer.state.get(param, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"opt.{key}.{name}"] = state[key].contiguous()
-        if "step" in state:
-            tensors[f"opt.step.{name}"] = torch.as_tensor(state["step"]).reshape(1).float()
-    metadata = {"step": str(step), "losses": json.dumps(losses), "config": config.model_dump_json()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     config: ClipTrainConfig) -> tuple[int, list[float]]:
-    """Resume state; a checkpoint of another configuration is refused (it would silently mix two runs)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata()
-    if ClipTrainConfig.model_validate_json(meta.get("config", "{}")) != config:
-        raise InputError(f"checkpoint {path} belongs to another training configuration; delete it to restart")
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    names = [n for n, _ in model.named_parameters()]
-    for name, param in zip(names, (p for g in optimizer.param_groups for p in g["params"])):
-        if f"opt.exp_avg.{name}" in tensors:
-            optimizer.state[param] = {"exp_avg": tensors[f"opt.exp_avg.{name}"],
-                                      "exp_avg_sq": tensors[f"opt.exp_avg_sq.{name}"],
-                                      "step": torch.tensor(float(tensors[f"opt.step.{name}"][0]))}
-    return int(meta["step"]), json.loads(meta["losses"])
-
-
 def load_tiny_world_clip(directory: Path | str | None = None) -> FrozenTextEncoder:
     """The shipped (or given) tiny-world CLIP, loaded strictly through ``local-dir:``, frozen."""
     directory = Path(directory) if directory is not None else WEIGHTS_DIR
@@ -410,10 +367,12 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
     heads = AttributeHeads(encoder.dim)
     trainable = torch.nn.ModuleDict({"clip": model, "heads": heads})
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ckpt = out_dir.parent / f".{out_dir.name}-train.ckpt.safetensors"
+    state_dir = out_dir.parent / f".{out_dir.name}-train.state"
     step, losses = 0, []
-    if ckpt.is_file():
-        step, losses = _load_checkpoint(ckpt, trainable, optimizer, config)
+    resumed = load_state(state_dir, identity={"config": config.model_dump(mode="json")}, optimizer=optimizer)
+    if resumed is not None:
+        trainable.load_state_dict(resumed.model, strict=True)
+        step, losses = resumed.step, list(resumed.extra["losses"])
     pool = ScenePool.build(config.pool_scenes, config.seed, progress=progress)
     probe_pool = ScenePool.build(24, config.seed, stream="val", progress=False)
     probe = make_batch(probe_pool, np.random.default_rng([config.seed, 13]), 96, 0.0)
@@ -424,7 +383,8 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
         rng = np.random.default_rng([config.seed, _BATCH_STREAM, step])
         batch = make_batch(pool, rng, config.batch, config.background_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(config, step)
+            group["lr"] = warmup_cosine_lr(step, lr=config.lr, min_lr=config.min_lr, warmup=config.warmup_steps,
+                                           total=config.steps)
         image_features = model.encode_image(batch.images)
         text_features = model.encode_text(encoder.tokenizer(batch.captions))
         loss = multi_positive_clip_loss(image_features, text_features, model.logit_scale, batch.match)
@@ -438,7 +398,8 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(ckpt, trainable, optimizer, step + 1, losses, config)
+            save_state(state_dir, step=step + 1, identity={"config": config.model_dump(mode="json")},
+                       model=trainable.state_dict(), optimizer=optimizer, extra={"losses": losses})
             model.eval()
             with torch.no_grad():
                 probe_acc = heads.accuracy(model.encode_image(probe.images), probe.image_attrs)
@@ -456,7 +417,7 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
         val=evaluate_retrieval(loaded, eval_scenes), torch_version=torch.__version__,
         open_clip_version=open_clip.__version__)
     atomic_write_text(out_dir / "train_report.json", report.model_dump_json(indent=2) + "\n")
-    ckpt.unlink(missing_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return report
 
 

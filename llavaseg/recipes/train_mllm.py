@@ -44,7 +44,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -56,10 +55,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from llavaseg.atomic import atomic_write, atomic_write_text
+from llavaseg.atomic import atomic_write_text
 from llavaseg.paths import TINY_WORLD_WEIGHTS
-from llavaseg.errors import InputError
 from llavaseg.models.mllm import FrozenMLLM
+from llavaseg.train.schedule import lr_factor as schedule_factor
+from llavaseg.train.state import load_state, peek_state, save_state
 from llavaseg.prompting import PromptSet
 from llavaseg.data.tinyworld.generate import iter_scenes, scene_rng
 from llavaseg.recipes.mllm_data import (
@@ -207,10 +207,7 @@ def image_tokens(model: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to 5 % of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return schedule_factor(step, warmup=warmup, total=total, schedule="cosine", floor=0.05)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -310,13 +307,6 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, float((pred.argmax(-1)[keep] == gold[keep]).float().mean())
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
 def _optimizer(model: Any, heads: torch.nn.ModuleDict, config: TrainConfig, stage: str) -> torch.optim.AdamW:
     """Stage ``align``: vision tower + projector + cell heads. Stage ``tune``: language model + projector + cell
     heads + referent probes (+ vision tower at ``vision_lr`` unless it is 0)."""
@@ -374,6 +364,132 @@ def _quick_eval(model: Any, processor: Any, prompts: PromptSet, config: TrainCon
                                    "dialogue_exact_match")}
 
 
+class _Trainer:
+    """Both stages of one run, with the state a checkpoint saves (model, heads, optimiser, record)."""
+
+    def __init__(self, config: TrainConfig, work_dir: Path, log: Any, stop_after: int | None) -> None:
+        self.config, self.work_dir, self.log = config, work_dir, log
+        self.prompts = PromptSet.load()
+        self.model, self.processor = build_tiny_world_mllm(self.prompts, seed=config.seed)
+        torch.manual_seed(config.seed + 1)
+        hidden = TINY_WORLD_MLLM_SPEC.text_hidden
+        self.heads = torch.nn.ModuleDict({"cells": AuxHeads(hidden),
+                                          "referent": ReferentProbes(hidden, config.referent_layers)})
+        self.tap = ProjectorTap(self.model)
+        self.encoder = ChatEncoder(self.processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
+        self.record: dict[str, Any] = {"stage": "align", "step": 0, "seconds": {"align": 0.0, "tune": 0.0},
+                                       "cpu_seconds": {"align": 0.0, "tune": 0.0}, "history": []}
+        self.budget = stop_after if stop_after is not None else -1
+        self.optimizer = _optimizer(self.model, self.heads, config, "align")
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump()}
+
+    def resume(self) -> None:
+        peeked = peek_state(self.work_dir)
+        if peeked is None:
+            return
+        stage = peeked.extra["record"]["stage"]
+        self.optimizer = _optimizer(self.model, self.heads, self.config, stage)
+        resumed = load_state(self.work_dir, identity=self.identity, optimizer=self.optimizer)
+        assert resumed is not None
+        self.model.load_state_dict({k[len("llava/"):]: v for k, v in resumed.model.items() if k.startswith("llava/")})
+        self.heads.load_state_dict({k[len("heads/"):]: v for k, v in resumed.model.items() if k.startswith("heads/")})
+        self.record = resumed.extra["record"]
+        self.log(f"resumed from {self.work_dir}: stage {stage} step {self.record['step']}")
+
+    def checkpoint(self) -> None:
+        tensors = {**{f"llava/{k}": v for k, v in self.model.state_dict().items()},
+                   **{f"heads/{k}": v for k, v in self.heads.state_dict().items()}}
+        save_state(self.work_dir, step=self.record["step"], identity=self.identity, model=tensors,
+                   optimizer=self.optimizer, extra={"record": self.record})
+
+    def out_of_budget(self) -> bool:
+        """Counts one step of a ``stop_after`` budget; at zero, checkpoints and says stop."""
+        self.budget -= 1
+        if self.budget == 0:
+            self.checkpoint()
+            return True
+        return False
+
+    def _after_step(self, stage: str, total: int, entry: dict[str, Any]) -> bool:
+        """Log, checkpoint and budget bookkeeping after one step; True means stop this call."""
+        step = self.record["step"]
+        if step % self.config.log_every == 0 or step == total:
+            if stage == "tune" and self.config.eval_every and step % self.config.eval_every == 0:
+                entry["val"] = _quick_eval(self.model, self.processor, self.prompts, self.config)
+            self.record["history"].append(entry)
+            self.log(json.dumps(entry))
+        if step % self.config.checkpoint_every == 0:
+            self.checkpoint()
+        return self.out_of_budget()
+
+    def align(self) -> bool:
+        """Stage 1: vision tower + projector learn per-cell attributes. Returns False if stopped early."""
+        config, record = self.config, self.record
+        start, cpu_start = time.perf_counter(), time.process_time()
+        pool = AlignPool(config)
+        record["seconds"]["align"] += time.perf_counter() - start
+        record["cpu_seconds"]["align"] += time.process_time() - cpu_start
+        self.log(f"align pool of {config.align_pool} scenes rendered in {time.perf_counter() - start:.1f} s")
+        while record["step"] < config.align_steps:
+            step = record["step"]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, config.align_steps, config.warmup // 2)
+            pixels, targets = pool.batch(self.processor, step)
+            loss, accuracy = self.heads["cells"](image_tokens(self.model, pixels), targets)
+            _optimiser_step(self.optimizer, loss, config.grad_clip)
+            _advance(record, "align", step, start, cpu_start)
+            entry = {"stage": "align", "step": record["step"], "loss": round(loss.item(), 4),
+                     **{k: round(v, 4) for k, v in accuracy.items()}, "seconds": round(record["seconds"]["align"], 1)}
+            if self._after_step("align", config.align_steps, entry):
+                return False
+        record["stage"], record["step"] = "tune", 0
+        self.optimizer = _optimizer(self.model, self.heads, config, "tune")
+        self.checkpoint()
+        return True
+
+    def _tune_loss(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        config = self.config
+        batch = tune_batch(self.processor, self.encoder, self.prompts, config, step)
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"], use_cache=False,
+                            output_hidden_states=config.referent_weight > 0)
+        loss, token_accuracy = answer_loss(output.logits, batch["labels"])
+        aux_loss, _ = self.heads["cells"](self.tap.take(batch["input_ids"].shape[0]), batch["cell_targets"])
+        total = loss + config.aux_weight * aux_loss
+        referent_loss, referent_accuracy = torch.zeros(()), {}
+        if config.referent_weight > 0:
+            referent_loss, referent_accuracy = self.heads["referent"](
+                output.hidden_states, batch["answer_positions"], batch["referent"])
+            total = total + config.referent_weight * referent_loss
+        entry = {"stage": "tune", "loss": round(loss.item(), 4), "token_acc": round(token_accuracy, 4),
+                 "aux_loss": round(aux_loss.item(), 4), "referent_loss": round(referent_loss.item(), 4),
+                 **{k: round(v, 4) for k, v in referent_accuracy.items()}}
+        return total, entry
+
+    def tune(self) -> bool:
+        """Stage 2: the language model learns the stage turns and dialogue. Returns False if stopped early."""
+        config, record = self.config, self.record
+        while record["step"] < config.tune_steps:
+            step = record["step"]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, config.tune_steps, config.warmup)
+            total, entry = self._tune_loss(step)
+            _optimiser_step(self.optimizer, total, config.grad_clip)
+            _advance(record, "tune", step, start, cpu_start)
+            entry = {"stage": "tune", "step": record["step"], **{k: v for k, v in entry.items() if k != "stage"},
+                     "seconds": round(record["seconds"]["tune"], 1)}
+            if self._after_step("tune", config.tune_steps, entry):
+                return False
+        record["stage"] = "done"
+        self.checkpoint()
+        return True
+
+
 def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
                stop_after: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Run (or resume) both stages; returns the trained model, its processor and the training record.
@@ -383,113 +499,15 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
     """
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
-    prompts = PromptSet.load()
-    model, processor = build_tiny_world_mllm(prompts, seed=config.seed)
-    torch.manual_seed(config.seed + 1)
-    hidden = TINY_WORLD_MLLM_SPEC.text_hidden
-    heads = torch.nn.ModuleDict({"cells": AuxHeads(hidden),
-                                 "referent": ReferentProbes(hidden, config.referent_layers)})
-    tap = ProjectorTap(model)
-    encoder = ChatEncoder(processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
     work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work_dir / "checkpoint.pt"
-    record: dict[str, Any] = {"stage": "align", "step": 0, "seconds": {"align": 0.0, "tune": 0.0},
-                              "cpu_seconds": {"align": 0.0, "tune": 0.0}, "history": []}
-    optimizer = _optimizer(model, heads, config, "align")
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
-        if state["config"] != config.model_dump():
-            raise InputError(f"{ckpt_path} was written with another config; delete it or use another --work-dir")
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        record = state["record"]
-        optimizer = _optimizer(model, heads, config, record["stage"])
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        log(f"resumed from {ckpt_path}: stage {record['stage']} step {record['step']}")
-
-    def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, {"config": config.model_dump(), "model": model.state_dict(),
-                                     "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "record": record})
-
-    budget = [stop_after if stop_after is not None else -1]
-
-    def out_of_budget() -> bool:
-        budget[0] -= 1
-        if budget[0] == 0:
-            checkpoint()
-            return True
-        return False
-
-    model.train()
-    if record["stage"] == "align":
-        start, cpu_start = time.perf_counter(), time.process_time()
-        pool = AlignPool(config)
-        record["seconds"]["align"] += time.perf_counter() - start
-        record["cpu_seconds"]["align"] += time.process_time() - cpu_start
-        log(f"align pool of {config.align_pool} scenes rendered in {time.perf_counter() - start:.1f} s")
-        while record["step"] < config.align_steps:
-            step = record["step"]
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, config.align_steps, config.warmup // 2)
-            pixels, targets = pool.batch(processor, step)
-            loss, accuracy = heads["cells"](image_tokens(model, pixels), targets)
-            _optimiser_step(optimizer, loss, config.grad_clip)
-            _advance(record, "align", step, start, cpu_start)
-            if record["step"] % config.log_every == 0 or record["step"] == config.align_steps:
-                entry = {"stage": "align", "step": record["step"], "loss": round(loss.item(), 4),
-                         **{k: round(v, 4) for k, v in accuracy.items()},
-                         "seconds": round(record["seconds"]["align"], 1)}
-                record["history"].append(entry)
-                log(json.dumps(entry))
-            if record["step"] % config.checkpoint_every == 0:
-                checkpoint()
-            if out_of_budget():
-                return model.eval(), processor, record
-        record["stage"], record["step"] = "tune", 0
-        optimizer = _optimizer(model, heads, config, "tune")
-        checkpoint()
-
-    pool = None  # free the rendered scenes before stage 2
-    if record["stage"] == "tune":
-        while record["step"] < config.tune_steps:
-            step = record["step"]
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, config.tune_steps, config.warmup)
-            batch = tune_batch(processor, encoder, prompts, config, step)
-            output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"], use_cache=False,
-                           output_hidden_states=config.referent_weight > 0)
-            loss, token_accuracy = answer_loss(output.logits, batch["labels"])
-            aux_loss, _ = heads["cells"](tap.take(batch["input_ids"].shape[0]), batch["cell_targets"])
-            total = loss + config.aux_weight * aux_loss
-            referent_loss, referent_accuracy = torch.zeros(()), {}
-            if config.referent_weight > 0:
-                referent_loss, referent_accuracy = heads["referent"](
-                    output.hidden_states, batch["answer_positions"], batch["referent"])
-                total = total + config.referent_weight * referent_loss
-            _optimiser_step(optimizer, total, config.grad_clip)
-            _advance(record, "tune", step, start, cpu_start)
-            if record["step"] % config.log_every == 0 or record["step"] == config.tune_steps:
-                entry = {"stage": "tune", "step": record["step"], "loss": round(loss.item(), 4),
-                         "token_acc": round(token_accuracy, 4), "aux_loss": round(aux_loss.item(), 4),
-                         "referent_loss": round(referent_loss.item(), 4),
-                         **{k: round(v, 4) for k, v in referent_accuracy.items()},
-                         "seconds": round(record["seconds"]["tune"], 1)}
-                if config.eval_every and record["step"] % config.eval_every == 0:
-                    entry["val"] = _quick_eval(model, processor, prompts, config)
-                record["history"].append(entry)
-                log(json.dumps(entry))
-            if record["step"] % config.checkpoint_every == 0:
-                checkpoint()
-            if out_of_budget():
-                return model.eval(), processor, record
-        record["stage"] = "done"
-        checkpoint()
-    return model.eval(), processor, record
+    trainer = _Trainer(config, work_dir, log, stop_after)
+    trainer.resume()
+    trainer.model.train()
+    if trainer.record["stage"] == "align" and not trainer.align():
+        return trainer.model.eval(), trainer.processor, trainer.record
+    if trainer.record["stage"] == "tune":
+        trainer.tune()
+    return trainer.model.eval(), trainer.processor, trainer.record
 
 
 def save_model(model: Any, processor: Any, out: Path) -> None:

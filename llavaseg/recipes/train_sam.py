@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +35,10 @@ from segment_anything.modeling import Sam
 from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.errors import CheckpointMismatchError, InputError
+from llavaseg.losses import per_mask_bce, per_mask_dice
 from llavaseg.models.sam_spec import SAM_SPECS, build_sam_from_spec
+from llavaseg.train.schedule import warmup_cosine_lr
+from llavaseg.train.state import load_state, save_state
 from llavaseg.data.tinyworld.generate import scene_rng
 from llavaseg.data.tinyworld.scenes import object_masks, render_scene_array, sample_scene
 
@@ -219,22 +223,13 @@ def evaluate_oracle_box(
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-mask BCE + Dice, ``logits``/``target`` of shape ``(N, K, H, W)`` -> ``(N, K)``."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))
-    prob = logits.sigmoid()
-    inter = (prob * target).sum(dim=(2, 3))
-    dice = 1.0 - (2.0 * inter + 1.0) / (prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1.0)
-    return bce + dice
-
-
 def _decode_loss(sam: Sam, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Loss of one image's prompts: token 0 directly, best of tokens 1-3, and the IoU head (MSE)."""
     masks, iou_pred = sam.mask_decoder.predict_masks(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense)
     size = gt.shape[-1]
     logits = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
     target = gt[:, None].expand_as(logits)
-    per = _mask_loss(logits, target)
+    per = per_mask_bce(logits, target) + per_mask_dice(logits, target, scale=1.0, eps=1.0)  # smoothed Dice
     single = per[:, 0]
     multi = per[:, 1:].min(dim=1).values
     with torch.no_grad():
@@ -263,10 +258,7 @@ def _step_loss(sam: Sam, cfg: TrainConfig, step: int) -> torch.Tensor:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=cfg.steps)
 
 
 def _weights_metadata(cfg: TrainConfig) -> dict[str, str]:
@@ -281,26 +273,24 @@ def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int = 25, evaluate: bool = True) -> TrainReport:
-    """Train from scratch (or resume ``out_dir/.sam_tiny_world.ckpt`` if it was written with the same config),
+    """Train from scratch (or resume ``out_dir/.sam_tiny_world.state`` if it was written with the same config),
     then write ``sam_tiny_world.safetensors`` and its JSON report atomically.
     """
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / f".{WEIGHTS_NAME}.ckpt"
+    state_dir = out_dir / f".{WEIGHTS_NAME}.state"
     torch.manual_seed(cfg.seed)
     sam = build_sam_from_spec(SAM_SPECS[cfg.spec])
     sam.train()
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, elapsed, loss_ema = 0, 0.0, float("nan")
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=True)
-        if ck["config"] == cfg.model_dump():
-            sam.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optim"])
-            start, elapsed, loss_ema = ck["step"], ck["elapsed"], ck["loss_ema"]
-            print(f"resumed from {ckpt_path} at step {start}", flush=True)
+    resumed = load_state(state_dir, identity={"config": cfg.model_dump()}, optimizer=opt)
+    if resumed is not None:
+        sam.load_state_dict(resumed.model)
+        start, elapsed, loss_ema = resumed.step, resumed.extra["elapsed"], resumed.extra["loss_ema"]
+        print(f"resumed from {state_dir} at step {start}", flush=True)
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
@@ -317,9 +307,8 @@ def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int 
             print(f"step {done}/{cfg.steps} loss {loss_ema:.4f} lr {_lr_at(cfg, step):.2e} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            state = {"config": cfg.model_dump(), "model": sam.state_dict(), "optim": opt.state_dict(),
-                     "step": done, "elapsed": time.perf_counter() - t0, "loss_ema": loss_ema}
-            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+            save_state(state_dir, step=done, identity={"config": cfg.model_dump()}, model=sam.state_dict(),
+                       optimizer=opt, extra={"elapsed": time.perf_counter() - t0, "loss_ema": loss_ema})
     train_seconds = time.perf_counter() - t0
     sam.eval()
     weights = out_dir / f"{WEIGHTS_NAME}.safetensors"
@@ -344,7 +333,7 @@ def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int 
         torch_version=torch.__version__,
     )
     atomic_write_text(out_dir / f"{WEIGHTS_NAME}.json", json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
-    ckpt_path.unlink(missing_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return report
 
 

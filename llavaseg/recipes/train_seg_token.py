@@ -10,7 +10,7 @@ protocols (generated ``[SEG]`` and teacher-forced, first text per image as LISA)
 base MLLM.
 
 Everything random is seeded from ``(seed, step)``, and the model + optimiser are checkpointed every
-``checkpoint_every`` steps into ``--work``, so an interrupted run resumes exactly. Only what training changed is
+``checkpoint_every`` steps into ``--work`` (:mod:`llavaseg.train.state`), so an interrupted run resumes exactly. Only what training changed is
 shipped (``seg_token.safetensors``: LoRA, embeddings, LM head, projection, decoder) plus ``seg_token.json`` and
 ``card.json``.
 
@@ -21,7 +21,6 @@ CLI: ``python -m llavaseg.recipes.train_seg_token --out llavaseg/weights/tinywor
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from llavaseg.atomic import atomic_write
+from llavaseg.atomic import atomic_write_text
+from llavaseg.data.annotations import DIALOGUE_FILE, DialogueRecord, read_records
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.paths import TINY_WORLD_WEIGHTS, cache_dir
 from llavaseg.errors import InputError
@@ -42,10 +41,11 @@ from llavaseg.images import load_image
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.presets import PRESETS, build_mllm, build_sam
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
-from llavaseg.seg_token.checkpoint import load_seg_token_model, save_seg_token_model
+from llavaseg.seg_token.checkpoint import assign_trained_state, save_seg_token_model, trained_state
 from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.model import SegTokenModel, create_seg_token_model
 from llavaseg.seg_token.train import SegSample, make_batch, make_optimizer, seg_token_train_step, warmup_decay
+from llavaseg.train.state import load_state, save_state
 
 WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "seg_token"
 
@@ -143,19 +143,17 @@ def load_train_data(root: Path, sam: FrozenSAM, split: str = "train") -> TrainDa
     encoded = dict(zip(order, _encode_all(sam, [images[k] for k in order])))
     dialogue, dialogue_keys = [], []
     for record in _dialogue_records(root, split):
-        name = f"{split}/{record['image']}"  # ReasonSeg sample ids are "<split>/<name>"
+        name = f"{split}/{record.image}"  # ReasonSeg sample ids are "<split>/<name>"
         if name not in images:
             continue
-        dialogue.append(SegSample(images[name], record["question"], answer=record["answer"]))
+        dialogue.append(SegSample(images[name], record.question, answer=record.answer))
         dialogue_keys.append(name)
     return TrainData(seg, [encoded[k] for k in keys], dialogue, [encoded[k] for k in dialogue_keys])
 
 
-def _dialogue_records(root: Path, split: str) -> list[dict]:
-    path = root / split / "dialogue.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _dialogue_records(root: Path, split: str) -> list[DialogueRecord]:
+    path = root / split / DIALOGUE_FILE
+    return read_records(path, DialogueRecord) if path.is_file() else []
 
 
 def step_samples(data: TrainData, config: SegTokenTrainConfig, rng: random.Random
@@ -203,42 +201,19 @@ def dialogue_scores(base: FrozenMLLM, tuned: FrozenMLLM, root: Path, split: str,
     """Exact-match agreement of the tuned model's chat answers with the base MLLM's on ``dialogue.jsonl``."""
     records = _dialogue_records(root, split)[:limit]
     if not records:
-        raise InputError(f"no dialogue.jsonl in {root / split}")
+        raise InputError(f"no {DIALOGUE_FILE} in {root / split}")
     agree = base_ok = tuned_ok = 0
     for start in tqdm(range(0, len(records), batch_size), desc="dialogue", leave=False):
         chunk = records[start: start + batch_size]
-        images = [load_image(root / split / f"{r['image']}.png") for r in chunk]
-        questions = [r["question"] for r in chunk]
+        images = [load_image(root / split / f"{r.image}.png") for r in chunk]
+        questions = [r.question for r in chunk]
         for record, a, b in zip(chunk, base.answer(images, questions), tuned.answer(images, questions)):
             agree += a.strip() == b.strip()
-            base_ok += a.strip() == record["answer"].strip()
-            tuned_ok += b.strip() == record["answer"].strip()
+            base_ok += a.strip() == record.answer.strip()
+            tuned_ok += b.strip() == record.answer.strip()
     n = len(records)
     return DialogueScores(n_questions=n, agreement_with_base=agree / n, base_accuracy=base_ok / n,
                           seg_token_accuracy=tuned_ok / n)
-
-
-# ----------------------------------------------------------------------------------------- checkpointing
-def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict) -> None:
-    state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value.detach().cpu().contiguous() for index, entry in state["state"].items()
-               for key, value in entry.items() if torch.is_tensor(value)}
-    body = {"param_groups": state["param_groups"], **meta}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"json": json.dumps(body)}))
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        body = json.loads(handle.metadata()["json"])
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": body.pop("param_groups")})
-    return body
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -259,20 +234,16 @@ def train(config: SegTokenTrainConfig, out: Path, work: Path, root: Path, *, max
     mllm, sam = build_base(config.preset)
     work.mkdir(parents=True, exist_ok=True)
     data = load_train_data(root, sam, "train")
-    resume = work / "model" / "seg_token.json"
-    if resume.is_file() and (work / "optimizer.safetensors").is_file():
-        model = load_seg_token_model(work / "model", mllm, sam)
-    else:
-        model = create_seg_token_model(mllm, sam, seed=config.seed)
+    model = create_seg_token_model(mllm, sam, seed=config.seed)
     optimizer = make_optimizer(model, lr=config.lr)
+    scheduler = warmup_decay(optimizer, config.warmup_steps, config.steps)
+    identity = {"config": config.model_dump(mode="json")}
     start, elapsed, curve = 0, 0.0, []
-    if resume.is_file() and (work / "optimizer.safetensors").is_file():
-        meta = _load_optimizer(optimizer, work / "optimizer.safetensors")
-        if meta.get("config") != config.model_dump(mode="json"):
-            raise InputError(f"{work} holds a run with another config; use a fresh --work directory")
-        start, elapsed, curve = meta["step"], meta["elapsed"], [tuple(p) for p in meta["curve"]]
-    # Resuming: the restored param groups carry initial_lr, and last_epoch=start-1 lands the schedule on `start`.
-    scheduler = warmup_decay(optimizer, config.warmup_steps, config.steps, last_epoch=start - 1)
+    resumed = load_state(work, identity=identity, optimizer=optimizer, scheduler=scheduler)
+    if resumed is not None:
+        assign_trained_state(model, resumed.model)
+        model.config.trained_steps = resumed.step
+        start, elapsed, curve = resumed.step, resumed.extra["elapsed"], [tuple(p) for p in resumed.extra["curve"]]
     began = time.perf_counter() - elapsed
     window: list[float] = []
     progress = tqdm(range(start, config.steps), desc="seg-token", initial=start, total=config.steps)
@@ -291,10 +262,8 @@ def train(config: SegTokenTrainConfig, out: Path, work: Path, root: Path, *, max
         done = step + 1
         out_of_time = max_minutes is not None and time.perf_counter() - began > max_minutes * 60
         if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
-            save_seg_token_model(model, work / "model")
-            _save_optimizer(optimizer, work / "optimizer.safetensors",
-                            {"step": done, "elapsed": time.perf_counter() - began, "curve": curve,
-                             "config": config.model_dump(mode="json")})
+            save_state(work, step=done, identity=identity, model=trained_state(model), optimizer=optimizer,
+                       scheduler=scheduler, extra={"elapsed": time.perf_counter() - began, "curve": curve})
         if out_of_time:
             step = done
             break
@@ -308,7 +277,7 @@ def train(config: SegTokenTrainConfig, out: Path, work: Path, root: Path, *, max
     out.mkdir(parents=True, exist_ok=True)
     save_seg_token_model(model, out)
     report.weights_bytes = sum(p.stat().st_size for p in out.glob("seg_token.*"))
-    (out / "card.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "card.json", report.model_dump_json(indent=2) + "\n")
     return report
 
 

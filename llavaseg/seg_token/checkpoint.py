@@ -122,12 +122,13 @@ def load_seg_token_model(directory: str | Path, mllm: FrozenMLLM, sam: FrozenSAM
         first = (missing or unexpected or wrong)[0]
         raise CheckpointMismatchError(f"{weights} does not fit this model: {len(missing)} missing, "
                                       f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors (e.g. {first})")
-    _assign(model, state)
+    assign_trained_state(model, state)
     model.config = config
     return model.eval()
 
 
-def _assign(model: SegTokenModel, state: dict[str, torch.Tensor]) -> None:
+def assign_trained_state(model: SegTokenModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors of :func:`trained_state`'s layout into ``model`` (LoRA, embeddings, projection, decoder)."""
     with torch.no_grad():
         lora = {key[len("lora."):]: value for key, value in state.items() if key.startswith("lora.")}
         if lora:

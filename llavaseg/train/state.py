@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import CheckpointMismatchError
 
-__all__ = ["STATE_FORMAT", "STATE_FILE", "ResumedState", "save_state", "load_state", "identity_differences"]
+__all__ = ["STATE_FORMAT", "STATE_FILE", "ResumedState", "save_state", "load_state", "peek_state",
+           "identity_differences"]
 
 STATE_FORMAT = "llavaseg-train-state-v1"
 STATE_FILE = "state.json"
@@ -105,6 +106,15 @@ def _read(directory: Path) -> dict[str, Any] | None:
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise CheckpointMismatchError(f"{path}: not a {STATE_FORMAT} training state")
     return payload
+
+
+def peek_state(directory: Path | str) -> ResumedState | None:
+    """The step and record of a saved state without restoring anything (a trainer that must build its
+    optimiser to match the record, e.g. per training stage, reads this first); no tensors are loaded."""
+    payload = _read(Path(directory))
+    if payload is None:
+        return None
+    return ResumedState(step=int(payload["step"]), model={}, extra=dict(payload.get("extra") or {}))
 
 
 def load_state(directory: Path | str, *, identity: dict[str, Any], optimizer: torch.optim.Optimizer,

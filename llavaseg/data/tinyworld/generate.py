@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llavaseg.atomic import atomic_write_text
+from llavaseg.data.annotations import DIALOGUE_FILE, STAGES_FILE, DialogueRecord, StageRecord, write_records
 from llavaseg.data.reasonseg import write_reasonseg_sample
 from llavaseg.errors import InputError
 from llavaseg.paths import cache_dir
@@ -89,15 +89,9 @@ def iter_scenes(
         index += 1
 
 
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in records)
-
-
-
-
 def _write_split(split_dir: Path, split: str, seed: int, count: int) -> None:
-    stages: list[dict] = []
-    dialogue: list[dict] = []
+    stages: list[StageRecord] = []
+    dialogue: list[DialogueRecord] = []
     for i, (scene, image, queries, items) in enumerate(iter_scenes(split, seed, count)):
         name = scene_name(split, i)
         target = scene.objects[queries[0].target_index]
@@ -106,13 +100,11 @@ def _write_split(split_dir: Path, split: str, seed: int, count: int) -> None:
             split_dir, name, image, [q.text for q in queries], queries[0].is_sentence, shapes, image_format="png"
         )
         for j, q in enumerate(queries):
-            stages.append({
-                "image": name, "text_index": j, "text": q.text, "is_sentence": q.is_sentence,
-                "description": q.description, "attributes": q.attributes, "family": q.family,
-            })
-        dialogue += [{"image": name, "question": d.question, "answer": d.answer} for d in items]
-    atomic_write_text(split_dir / "stages.jsonl", _jsonl(stages))
-    atomic_write_text(split_dir / "dialogue.jsonl", _jsonl(dialogue))
+            stages.append(StageRecord(image=name, text_index=j, text=q.text, is_sentence=q.is_sentence,
+                                      description=q.description, attributes=q.attributes, family=q.family))
+        dialogue += [DialogueRecord(image=name, question=d.question, answer=d.answer) for d in items]
+    write_records(split_dir / STAGES_FILE, stages)
+    write_records(split_dir / DIALOGUE_FILE, dialogue)
 
 
 def _is_tinyworld(path: Path) -> bool:
