@@ -147,7 +147,7 @@ def published_scale_parameters() -> dict[str, Any]:
     """Trainable parameters at published scale (LLaVA-7B + SAM ViT-H), counted from the architectures.
 
     Adapters: the ``llava-1.5-7b`` preset's adapters (CLIP ViT-L/14 text width 768, ViT-H levels 1280, 4
-    levels, 64x64 grid), built here. ``<SEG>`` (LISA-7B, anchors \u00a72.1): LoRA r=8 on q/v of 32 layers of width
+    levels, 64x64 grid), built here. ``<SEG>`` (LISA-7B, ``docs/lisa.md`` \u00a72): LoRA r=8 on q/v of 32 layers of width
     4096, full ``embed_tokens`` and ``lm_head`` over LISA's vocabulary (32000 + [SEG] + <im_start>/<im_end>),
     ``text_hidden_fcs`` 4096->4096->256 and SAM's mask decoder (built here).
     """

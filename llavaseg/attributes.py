@@ -14,6 +14,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+ATTRIBUTE_KEYS: tuple[str, ...] = ("color", "location", "size", "shape")
+"""The attributes every stage-2 answer is read for (the declared fields of :class:`Attributes`, in this order);
+the one place in the project that names them."""
+
 ParseMethod = Literal["json", "key_value", "prose", "none", "reference"]
 """How attributes were read; ``reference`` = taken from ground-truth stage annotations (the oracle route)."""
 
@@ -53,6 +57,7 @@ class Attributes(BaseModel):
 
     def __bool__(self) -> bool:
         return bool(self.items())
+
 
 
 class ParsedAttributes(BaseModel):

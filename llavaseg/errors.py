@@ -8,6 +8,14 @@ library users can catch one base class.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
+EXIT_USAGE = 2
+"""Exit status of a command that failed on the user's input (argparse's status for usage errors)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
 
 class LlavasegError(Exception):
     """Base class of all errors caused by user input or environment, with a readable one-line message."""
@@ -31,3 +39,21 @@ class UnsupportedError(LlavasegError, RuntimeError):
 
 class DatasetFormatError(InputError):
     """A dataset file does not follow the format its loader expects (a kind of bad input)."""
+
+
+def print_error(prog: str, error: BaseException) -> None:
+    """``<prog>: error: <first line of the message>`` on stderr."""
+    message = str(error).strip().splitlines()
+    print(f"{prog}: error: {message[0] if message else type(error).__name__}", file=sys.stderr)
+
+
+def run_guarded(prog: str, action: Callable[[], int], *, interrupted_hint: str = "") -> int:
+    """Run ``action``; user errors become one line + status 2, Ctrl-C one line + status 130."""
+    try:
+        return action()
+    except LlavasegError as error:
+        print_error(prog, error)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED

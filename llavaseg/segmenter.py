@@ -61,10 +61,10 @@ class Segmenter:
         """Build a preset (see ``llavaseg.models.presets.PRESETS``); keyword arguments override its sources."""
         if name not in PRESETS:
             raise InputError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        if route not in ROUTES:  # before any model loads: a typo must not cost the loading time
+            raise InputError(f"unknown route {route!r}; available: {', '.join(ROUTES)}")
         parts = build_components(PRESETS[name], device=device, dtype=dtype, quantization=quantization, mllm=mllm,
                                  sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained, adapters=adapters)
-        if route not in ROUTES:
-            raise InputError(f"unknown route {route!r}; available: {', '.join(ROUTES)}")
         return cls(parts.mllm, parts.sam, parts.text_encoder, parts.adapters, prompts_dir=prompts_dir, route=route,
                    with_answer=with_answer, batch_size=batch_size, preset=PRESETS[name],
                    route_options=route_options)

@@ -20,3 +20,37 @@ def tiny_segmenter():
 def rgb_image() -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(90, 140, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_world(tmp_path_factory):
+    """``make_tiny_world(seed=..., sizes={...})``: a small generated tiny world in a fresh temporary folder."""
+    from llavaseg.data.tinyworld.generate import generate_tinyworld
+
+    def make(*, seed: int, sizes: dict[str, int]):
+        return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=seed, sizes=sizes)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_and_text_encoder():
+    """Random tiny SAM and open_clip text encoder of the real classes (frozen; shared by cache/train tests)."""
+    from llavaseg.models.presets import build_sam, build_text_encoder
+
+    torch.set_num_threads(1)
+    return build_sam("tiny", None, device="cpu"), build_text_encoder("tiny-clip", None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fast_tiny_models():
+    """Plumbing only: one torch thread (the machine is shared) and short generations from the random MLLM."""
+    from llavaseg.bench.runner import shared_components
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mllm = shared_components("tiny", "cpu").mllm
+    saved, mllm.max_new_tokens = mllm.max_new_tokens, 6
+    yield
+    mllm.max_new_tokens = saved
+    torch.set_num_threads(threads)

@@ -72,3 +72,12 @@ def test_json_objects_round_trip(data):
     parsed = parse_attributes("answer: " + json.dumps(data))
     assert parsed.method == "json"
     assert dict(parsed.attributes.items()) == data
+
+
+def test_attribute_keys_are_the_declared_fields_and_the_tiny_world_uses_them() -> None:
+    from llavaseg.attributes import ATTRIBUTE_KEYS, Attributes
+    from llavaseg.data.tinyworld.vocab import ATTRIBUTE_VALUES
+    from llavaseg.recipes.train_clip import HEAD_ORDER
+
+    assert tuple(Attributes.model_fields) == ATTRIBUTE_KEYS == ("color", "location", "size", "shape")
+    assert tuple(ATTRIBUTE_VALUES) == ATTRIBUTE_KEYS and sorted(HEAD_ORDER) == sorted(ATTRIBUTE_KEYS)

@@ -80,19 +80,8 @@ def build_drifted(context):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_tiny_models():
-    """Plumbing only: one torch thread (the machine is shared) and short generations from the random MLLM."""
-    import torch
-
-    from llavaseg.bench.runner import shared_components
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    mllm = shared_components("tiny", "cpu").mllm
-    saved, mllm.max_new_tokens = mllm.max_new_tokens, 6
-    yield
-    mllm.max_new_tokens = saved
-    torch.set_num_threads(threads)
+def _fast(fast_tiny_models):
+    """Every benchmark test here runs on the fast tiny models (see conftest)."""
 
 
 @pytest.fixture(autouse=True)

@@ -16,18 +16,13 @@ from llavaseg.prompting import PromptSet
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from llavaseg.data.tinyworld.generate import generate_tinyworld
-
-    return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=5, sizes={"train": 4, "val": 1})
+def world(make_tiny_world):
+    return make_tiny_world(seed=5, sizes={"train": 4, "val": 1})
 
 
 @pytest.fixture(scope="module")
-def models():
-    from llavaseg.models.presets import build_sam, build_text_encoder
-
-    torch.set_num_threads(1)
-    return build_sam("tiny", None, device="cpu"), build_text_encoder("tiny-clip", None, device="cpu")
+def models(tiny_sam_and_text_encoder):
+    return tiny_sam_and_text_encoder
 
 
 class CountingSAM:

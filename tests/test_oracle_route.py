@@ -11,12 +11,11 @@ import torch
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import InputError
 from llavaseg.method.segment import adapter_mask_logits, encode_phrases, text_phrases
-from llavaseg.data.tinyworld.generate import generate_tinyworld
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=4, sizes={"train": 1, "val": 2})
+def world(make_tiny_world):
+    return make_tiny_world(seed=4, sizes={"train": 1, "val": 2})
 
 
 @pytest.fixture(scope="module")

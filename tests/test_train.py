@@ -113,23 +113,18 @@ def test_mixture_is_deterministic_and_single_source_covers_each_epoch() -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from llavaseg.data.tinyworld.generate import generate_tinyworld
-
-    return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=3, sizes={"train": 3, "val": 2})
+def world(make_tiny_world):
+    return make_tiny_world(seed=3, sizes={"train": 3, "val": 2})
 
 
 @pytest.fixture(scope="module")
-def frozen():
+def frozen(tiny_sam_and_text_encoder):
     """Random tiny SAM + text encoder; teacher stages, so no MLLM is needed for these tests."""
-    from llavaseg.models.presets import PRESETS, build_sam, build_text_encoder
-
-    torch.set_num_threads(1)
+    from llavaseg.models.presets import PRESETS
 
     class Frozen:
         preset = PRESETS["tiny"]
-        sam = build_sam("tiny", None, device="cpu")
-        text_encoder = build_text_encoder("tiny-clip", None, device="cpu")
+        sam, text_encoder = tiny_sam_and_text_encoder
         mllm = None
         prompts = None
 

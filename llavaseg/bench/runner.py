@@ -176,15 +176,13 @@ def run_route(name: str, route, queries: list, store: Path, batch_size: int) -> 
 
 def check_preset_files(preset) -> None:
     """Fail early, and clearly, if a preset's shipped weights (``pkg:`` sources) are not installed."""
-    from llavaseg.models.presets import package_path
+    from llavaseg.models.sources import parse_source
 
     missing = []
     for spec in (preset.mllm, preset.sam_checkpoint, preset.clip_model, preset.adapters):
-        if not spec:
-            continue
-        source = spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec
-        if source.startswith(("pkg:", "pkg-adapters:")) and not package_path(source).exists():
-            missing.append(str(package_path(source)))
+        source = parse_source(spec) if spec else None
+        if source is not None and source.shipped and not source.path().exists():
+            missing.append(str(source.path()))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputError(f"preset {preset.name!r} needs shipped weights missing from this install "
@@ -258,45 +256,24 @@ def _overlay_rows(queries: list, per_route: dict[str, list[BenchRecord]], count:
     return rows
 
 
-def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, str] | None = None,
-                  console: Console | None = None) -> BenchResults:
-    """Run (or resume) a benchmark into ``settings.out_dir`` and return its results (also written to disk).
-
-    ``queries`` is the selection (after ``--limit``); ``groups`` maps query ids to metric groups (RefCOCO
-    splits) - without it metrics are ReasonSeg's overall/short/long.
-    """
+def _requested_routes(settings: BenchSettings) -> list[str]:
     from llavaseg.models.presets import PRESETS
-    from llavaseg.prompting import PromptSet
-    from llavaseg.routes.registry import ROUTES, RouteContext, build_route
+    from llavaseg.routes.registry import ROUTES
 
-    console = console or make_console()
     if settings.preset not in PRESETS:
         raise InputError(f"unknown preset {settings.preset!r}; available: {', '.join(PRESETS)}")
     requested = list(ROUTES) if settings.routes is None else list(dict.fromkeys(settings.routes))
     unknown = [name for name in requested if name not in ROUTES]
     if unknown:
         raise InputError(f"unknown route {unknown[0]!r}; available: {', '.join(ROUTES)}")
-    if not queries:
-        raise InputError("no queries selected (empty split, or --limit 0)")
-    prompts = PromptSet.load(settings.prompts_dir)
-    items: list[DialogueItem] | None = None
-    if settings.dialogue is not None:
-        items = load_dialogue(settings.dialogue, max_images=settings.limit)
-    out = Path(settings.out_dir)
-    config = RunConfig(
-        benchmark=settings.benchmark, preset=settings.preset, data=settings.data, split=settings.split,
-        routes=requested, prompts=fingerprint(prompts.identity()), first_text_only=settings.first_text_only,
-        dialogue=(f"{Path(settings.dialogue).resolve()}#{file_fingerprint(settings.dialogue)}"
-                  if settings.dialogue is not None else None),
-        extra=dict(settings.extra),
-    )
-    check_run_config(out, config, ignore=("models",))  # refuse before loading any model
-    check_preset_files(PRESETS[settings.preset])
+    return requested
 
-    parts = shared_components(settings.preset, settings.device)
-    config = config.model_copy(update={"models": _models_fingerprint(parts)})
-    check_run_config(out, config)
-    write_run_config(out, config)
+
+def _build_routes(settings: BenchSettings, requested: list[str], parts, prompts, console: Console
+                  ) -> tuple[dict[str, object], dict[str, str]]:
+    """Every requested route that can be built; the others with the one-line reason they could not."""
+    from llavaseg.models.presets import PRESETS
+    from llavaseg.routes.registry import RouteContext, build_route
 
     options: dict[str, object] = {}
     if settings.benchmark == "reasonseg" and (Path(settings.data) / settings.split / STAGES_FILE).is_file():
@@ -313,7 +290,12 @@ def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, s
     if not routes:
         raise InputError(f"no route could be built for preset {settings.preset!r} "
                          f"({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
+    return routes, skipped
 
+
+def _score_routes(routes: dict[str, object], queries: list, settings: BenchSettings
+                  ) -> tuple[dict[str, list[BenchRecord]], dict[str, tuple[int, float, float | None]]]:
+    """Per-query records of every route (resumed where already scored) and each route's cost figures."""
     import torch
 
     cuda = torch.device(settings.device).type == "cuda"
@@ -322,44 +304,99 @@ def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, s
     for name, route in routes.items():
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        records, resumed = run_route(name, route, queries, route_file(out, "queries", name), settings.batch_size)
-        per_route[name] = records
-        cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-        costs[name] = (resumed, _peak_rss_mb(), cuda_mb)
+        store = route_file(Path(settings.out_dir), "queries", name)
+        per_route[name], resumed = run_route(name, route, queries, store, settings.batch_size)
+        costs[name] = (resumed, _peak_rss_mb(), torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+    return per_route, costs
 
-    base_metrics: DialogueMetrics | None = None
+
+def _probe_dialogue(routes: dict[str, object], base_answer, items: list[DialogueItem] | None,
+                    settings: BenchSettings, console: Console
+                    ) -> tuple[DialogueMetrics | None, dict[str, DialogueMetrics]]:
+    """Dialogue preservation: the base MLLM's answers, then each route's chat model against them."""
+    if items is None:
+        return None, {}
+    out = Path(settings.out_dir)
+    base = collect_answers(base_answer, items, out / "dialogue-base.jsonl", batch_size=settings.batch_size,
+                           desc="dialogue: base")
     route_dialogue: dict[str, DialogueMetrics] = {}
-    if items is not None:
-        base = collect_answers(parts.mllm.answer, items, out / "dialogue-base.jsonl",
-                               batch_size=settings.batch_size, desc="dialogue: base")
-        base_metrics = dialogue_metrics(items, base, None)
-        for name, route in routes.items():
-            try:
-                answer_fn = route.dialogue_model().answer
-            except Exception as exc:  # noqa: BLE001 - a route without a chat model cannot be probed
-                console.print(f"[yellow]route {name}: no dialogue model ({_one_line(exc)})[/yellow]")
-                continue
-            answers = collect_answers(answer_fn, items, route_file(out, "dialogue", name),
-                                      batch_size=settings.batch_size, desc=f"dialogue: {name}")
-            route_dialogue[name] = dialogue_metrics(items, answers, base)
+    for name, route in routes.items():
+        try:
+            answer_fn = route.dialogue_model().answer
+        except Exception as exc:  # noqa: BLE001 - a route without a chat model cannot be probed
+            console.print(f"[yellow]route {name}: no dialogue model ({_one_line(exc)})[/yellow]")
+            continue
+        answers = collect_answers(answer_fn, items, route_file(out, "dialogue", name),
+                                  batch_size=settings.batch_size, desc=f"dialogue: {name}")
+        route_dialogue[name] = dialogue_metrics(items, answers, base)
+    return dialogue_metrics(items, base, None), route_dialogue
 
+
+def _summaries_of(per_route: dict[str, list[BenchRecord]], costs: dict[str, tuple[int, float, float | None]],
+                  groups: dict[str, str] | None, dialogue: dict[str, DialogueMetrics]) -> dict[str, RouteSummary]:
     summaries = {}
     for name, records in per_route.items():
         resumed, rss, cuda_mb = costs[name]
-        metrics = _summaries(records, groups)
         summaries[name] = RouteSummary(
-            route=name, metrics=metrics, n_queries=len(records), n_errors=sum(r.error is not None for r in records),
-            n_resumed=resumed, seconds_per_query=float(np.mean([r.seconds for r in records])),
-            peak_rss_mb=rss, cuda_peak_mb=cuda_mb, dialogue=route_dialogue.get(name),
-        )
-    environment = Environment(
+            route=name, metrics=_summaries(records, groups), n_queries=len(records),
+            n_errors=sum(r.error is not None for r in records), n_resumed=resumed,
+            seconds_per_query=float(np.mean([r.seconds for r in records])), peak_rss_mb=rss, cuda_peak_mb=cuda_mb,
+            dialogue=dialogue.get(name))
+    return summaries
+
+
+def _environment(settings: BenchSettings, config: RunConfig) -> Environment:
+    return Environment(
         benchmark=settings.benchmark, preset=settings.preset, data=settings.data, split=settings.split,
         device=settings.device, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         versions=_versions(), first_text_only=settings.first_text_only, limit=settings.limit,
-        batch_size=settings.batch_size, prompts=config.prompts, dialogue=config.dialogue, extra=dict(settings.extra),
+        batch_size=settings.batch_size, prompts=config.prompts, dialogue=config.dialogue, extra=dict(settings.extra))
+
+
+def _open_run(settings: BenchSettings, requested: list[str], prompts) -> tuple[RunConfig, object]:
+    """Check the results folder belongs to this run (before and after loading the models); load them."""
+    from llavaseg.models.presets import PRESETS
+
+    out = Path(settings.out_dir)
+    config = RunConfig(
+        benchmark=settings.benchmark, preset=settings.preset, data=settings.data, split=settings.split,
+        routes=requested, prompts=fingerprint(prompts.identity()), first_text_only=settings.first_text_only,
+        dialogue=(f"{Path(settings.dialogue).resolve()}#{file_fingerprint(settings.dialogue)}"
+                  if settings.dialogue is not None else None),
+        extra=dict(settings.extra),
     )
-    results = BenchResults(environment=environment, routes=summaries, skipped_routes=skipped,
+    check_run_config(out, config, ignore=("models",))  # refuse before loading any model
+    check_preset_files(PRESETS[settings.preset])
+    parts = shared_components(settings.preset, settings.device)
+    config = config.model_copy(update={"models": _models_fingerprint(parts)})
+    check_run_config(out, config)
+    write_run_config(out, config)
+    return config, parts
+
+
+def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, str] | None = None,
+                  console: Console | None = None) -> BenchResults:
+    """Run (or resume) a benchmark into ``settings.out_dir`` and return its results (also written to disk).
+
+    ``queries`` is the selection (after ``--limit``); ``groups`` maps query ids to metric groups (RefCOCO
+    splits) - without it metrics are ReasonSeg's overall/short/long.
+    """
+    from llavaseg.prompting import PromptSet
+
+    console = console or make_console()
+    requested = _requested_routes(settings)
+    if not queries:
+        raise InputError("no queries selected (empty split, or --limit 0)")
+    prompts = PromptSet.load(settings.prompts_dir)
+    items = load_dialogue(settings.dialogue, max_images=settings.limit) if settings.dialogue is not None else None
+    config, parts = _open_run(settings, requested, prompts)
+    routes, skipped = _build_routes(settings, requested, parts, prompts, console)
+    per_route, costs = _score_routes(routes, queries, settings)
+    base_metrics, route_dialogue = _probe_dialogue(routes, parts.mllm.answer, items, settings, console)
+    results = BenchResults(environment=_environment(settings, config),
+                           routes=_summaries_of(per_route, costs, groups, route_dialogue), skipped_routes=skipped,
                            base_dialogue=base_metrics)
+    out = Path(settings.out_dir)
     json_path, csv_path = write_results(out, results)
     grid = write_grid(out / "overlays.png", _overlay_rows(queries, per_route, settings.overlay_rows), list(per_route))
     render_table(results, console)

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.cli.common import add_device_argument, check_device, run_guarded
-from llavaseg.errors import InputError
+from llavaseg.cli.common import add_device_argument, check_device
+from llavaseg.errors import InputError, run_guarded
 
 PROG = "llavaseg-bench"
 

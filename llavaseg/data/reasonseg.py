@@ -323,6 +323,26 @@ def _normalise_shape(shape: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+def _image_suffix(image_format: str) -> str:
+    fmt = image_format.lower().lstrip(".")
+    if fmt in ("jpg", "jpeg"):
+        return ".jpg"
+    if fmt == "png":
+        return ".png"
+    raise InputError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+
+
+def _as_rgb_pil(image: Image.Image | np.ndarray, name: str) -> Image.Image:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise InputError(f"image for sample {name!r} must be uint8 HxW, HxWx3 or HxWx4, got "
+                             f"{image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise InputError(f"image for sample {name!r} must be a PIL image or numpy array, got {type(image).__name__}")
+
+
 def write_reasonseg_sample(
     split_dir: Path | str,
     name: str,
@@ -347,26 +367,10 @@ def write_reasonseg_sample(
     split_dir = Path(split_dir)
     if not name or Path(name).name != name or name in (".", ".."):
         raise InputError(f"sample name must be a plain file stem, got {name!r}")
-    fmt = image_format.lower().lstrip(".")
-    if fmt in ("jpg", "jpeg"):
-        suffix = ".jpg"
-    elif fmt == "png":
-        suffix = ".png"
-    else:
-        raise InputError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise InputError(f"texts for sample {name!r} must be a non-empty list of strings")
-
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise InputError(f"image for sample {name!r} must be uint8 HxW, HxWx3 or HxWx4, got {arr.dtype} {arr.shape}")
-        pil = Image.fromarray(arr)
-    elif isinstance(image, Image.Image):
-        pil = image
-    else:
-        raise InputError(f"image for sample {name!r} must be a PIL image or numpy array, got {type(image).__name__}")
-    pil = pil.convert("RGB")
+    suffix = _image_suffix(image_format)
+    pil = _as_rgb_pil(image, name)
     width, height = pil.size
 
     try:

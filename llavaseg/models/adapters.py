@@ -7,7 +7,7 @@ prompt is added to SAM's no-mask embedding. Everything else (MLLM, text encoder,
 gradients reach these parameters through the frozen mask decoder.
 
 This is a reconstruction ("LLaVASeg-style"): the paper's exact adapter design is not public (see
-``shared/reference/anchors.md`` §1.4); the configuration records every choice made here.
+``docs/lisa.md`` §1); the configuration records every choice made here.
 """
 
 from __future__ import annotations

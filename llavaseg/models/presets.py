@@ -9,7 +9,6 @@ the real presets name published weights that users must have locally (no downloa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -18,6 +17,7 @@ from llavaseg.errors import InputError, UnsupportedError
 from llavaseg.models.adapters import AdapterConfig, MultiScaleAdapters, load_adapters
 from llavaseg.models.mllm import FrozenMLLM, Quantization
 from llavaseg.models.sam import FrozenSAM
+from llavaseg.models.sources import parse_source, resolve_path
 from llavaseg.models.text_encoder import FrozenTextEncoder
 
 
@@ -67,16 +67,6 @@ def list_presets() -> dict[str, str]:
     return {name: preset.description for name, preset in PRESETS.items()}
 
 
-def package_path(spec: str) -> Path:
-    """Resolve ``pkg:relative/path`` inside the installed llavaseg package, ``pkg-adapters:name`` inside the
-    shipped adapters folder; other strings are ordinary paths."""
-    if spec.startswith("pkg-adapters:"):
-        return Path(str(resources.files("llavaseg.shipped_adapters"))) / spec.split(":", 1)[1]
-    if spec.startswith("pkg:"):
-        return Path(str(resources.files("llavaseg"))) / spec.split(":", 1)[1]
-    return Path(spec).expanduser()
-
-
 def tiny_vocabulary() -> list[str]:
     """Words of the tiny world and of the shipped prompt templates (the random tiny MLLM's vocabulary)."""
     from llavaseg.prompting import PromptSet
@@ -87,29 +77,30 @@ def tiny_vocabulary() -> list[str]:
 
 
 def build_mllm(spec: str, *, device: str, dtype: str | None, quantization: Quantization, seed: int = 0) -> FrozenMLLM:
-    if spec == "random:tiny":
+    source = parse_source(spec)
+    if source.scheme == "random":
         from llavaseg.models.tiny_llava import build_tiny_llava
 
+        if source.value != "tiny":
+            raise InputError(f"unknown random MLLM {spec!r}; only 'random:tiny' exists")
         if quantization is not None:
             raise UnsupportedError("quantization needs a saved model; save the tiny model and load it from disk")
         model, processor = build_tiny_llava(tiny_vocabulary(), seed=seed)
         # A random model never emits end-of-sequence on purpose: cap its answers to keep plumbing fast.
         return FrozenMLLM(model.to(device), processor, name="random:tiny", max_new_tokens=12)
-    path = package_path(spec) if spec.startswith("pkg:") else spec
-    if spec.startswith("pkg:") and not Path(path).is_dir():
+    path = source.path()
+    if source.shipped and not path.is_dir():
         raise UnsupportedError(f"the shipped model {spec} is missing from this install ({path})")
-    return FrozenMLLM.from_pretrained(str(path), device=device, dtype=dtype, quantization=quantization,
-                                      local_files_only=Path(str(path)).exists())
+    return FrozenMLLM.from_pretrained(source.resolved(), device=device, dtype=dtype, quantization=quantization,
+                                      local_files_only=path.exists())
 
 
 def build_text_encoder(model: str, pretrained: str | None, *, device: str) -> FrozenTextEncoder:
-    if model.startswith("local-dir:pkg:"):
-        model = "local-dir:" + str(package_path(model[len("local-dir:"):]))
-    return FrozenTextEncoder.create(model, pretrained, device=device)
+    return FrozenTextEncoder.create(parse_source(model).resolved(), pretrained, device=device)
 
 
 def build_sam(sam_type: str, checkpoint: str | None, *, device: str) -> FrozenSAM:
-    path = package_path(checkpoint) if checkpoint else None
+    path = resolve_path(checkpoint) if checkpoint else None
     if path is not None and not path.is_file():
         raise InputError(f"SAM checkpoint {path} not found; download it or pass sam_checkpoint=PATH")
     return FrozenSAM.create(sam_type, path, device=device)
@@ -148,6 +139,6 @@ def build_components(preset: Preset, *, device: str = "cpu", dtype: str | None =
         trained = new_adapters(sam, text_encoder, dim=preset.adapter_dim, heads=preset.adapter_heads,
                                scales=preset.adapter_scales)
     else:
-        trained = load_adapters(package_path(adapter_source), sam_identity=sam.identity(),
+        trained = load_adapters(resolve_path(adapter_source), sam_identity=sam.identity(),
                                 text_encoder_identity=text_encoder.identity()).to(device)
     return Components(frozen_mllm, sam, text_encoder, trained)

@@ -22,7 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.images import image_digest
-from llavaseg.models.common import freeze
+from llavaseg.models.common import freeze, state_dict_mismatch
 from llavaseg.models.sam_spec import SAM_SPECS, SamSpec, build_sam_from_spec
 
 
@@ -93,14 +93,9 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec) -> None
     if not isinstance(state, dict):
         raise CheckpointMismatchError(f"SAM checkpoint {path} does not hold a state dict")
     expected = sam.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors"
-                  + (f" (e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} vs "
-                     f"model {tuple(expected[wrong[0]].shape)})" if wrong else ""))
-        raise CheckpointMismatchError(f"SAM checkpoint {path} is not a {spec.name} checkpoint: {detail}")
+    problem = state_dict_mismatch(expected, state)
+    if problem:
+        raise CheckpointMismatchError(f"SAM checkpoint {path} is not a {spec.name} checkpoint: {problem}")
     sam.load_state_dict(state)
 
 

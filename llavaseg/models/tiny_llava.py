@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from llavaseg.models.chat_templates import llava_chat_template
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -30,18 +31,7 @@ IMAGE_TOKEN = "<image>"
 
 # The llava-1.5 conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), written as a chat template so
 # the tiny models go through ``processor.apply_chat_template`` exactly like llava-hf checkpoints do.
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: "
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "</s>"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+LLAVA_15_CHAT_TEMPLATE = llava_chat_template()
 
 CHAT_TEMPLATE_WORDS = ("USER", "ASSISTANT", ":")
 

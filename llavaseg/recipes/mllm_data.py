@@ -7,10 +7,8 @@ by ``</s>``), so the encoding lives here and is checked against the processor in
 
 Why the architecture looks the way it does: scenes are a 3x3 grid of cells on a 128 px image. At
 ``image_size=96`` and ``patch_size=16`` every grid cell is exactly 2x2 ViT patches (36 image tokens), so each
-object covers a few patches and the shared patch embedding sees it at several offsets. (One 32 px patch per cell,
-9 tokens, was tried first: the linear patch embedding then has to learn translation-invariant shape on its own
-and shape accuracy crawled to 0.96 after 2000 alignment steps, against 0.995 after 1500 steps with 16 px
-patches.) The vision side is first taught to put, into *every* projected token, the presence, colour, shape and
+object covers a few patches and the shared patch embedding sees it at several offsets (the coarser layout
+that was tried first is in ``docs/tinyworld.md``). The vision side is first taught to put, into *every* projected token, the presence, colour, shape and
 size of the object of its grid cell and the cell's index (throwaway heads, :func:`cell_targets`), so the language
 model only has to *read and reason*, not see.
 """
@@ -25,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llavaseg.attributes import parse_attributes
+from llavaseg.attributes import ATTRIBUTE_KEYS
+from llavaseg.method.stages import run_stages
 from llavaseg.models.tiny_llava import TinyLlavaSpec, build_tiny_llava, words_of
 from llavaseg.prompting import PromptSet
 from llavaseg.data.tinyworld.queries import DialogueItem, TargetQuery
@@ -63,8 +62,6 @@ TINY_WORLD_MLLM_SPEC = TinyLlavaSpec(
     max_positions=256,  # the longest conversation (two stage turns, or five dialogue turns) is < 150 tokens
 )
 
-ATTRIBUTE_KEYS: tuple[str, ...] = ("color", "location", "size", "shape")
-"""Stage-2 answer order, as ``prompts/attributes.txt`` asks for it."""
 
 IGNORE = -100
 """Label of positions without a loss (prompt tokens, padding, attributes of empty cells)."""
@@ -92,7 +89,7 @@ def build_tiny_world_mllm(prompts: PromptSet, seed: int = 0, spec: TinyLlavaSpec
 
 
 def pixel_values(processor: Any, images: Sequence[np.ndarray | Image.Image]) -> torch.Tensor:
-    """The processor's own image preprocessing, batched (about 1.5 ms per image instead of 15 ms one by one)."""
+    """The processor's own image preprocessing, batched (one call per batch, not per image)."""
     return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
@@ -222,13 +219,52 @@ def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
         yield items[start:start + size]
 
 
+class _StageTally:
+    """Running counts of stage-1 and stage-2 correctness over queries (overall, per key, per family)."""
+
+    def __init__(self) -> None:
+        self.n = self.stage1 = self.keys = self.full = self.parsed = 0
+        self.per_key = dict.fromkeys(ATTRIBUTE_KEYS, 0)
+        self.per_family: dict[str, list[int]] = {}
+        self.examples: list[dict[str, str]] = []
+
+    def add(self, query: TargetQuery, description: str, answer: str, attributes: Any, method: str) -> None:
+        hits = [getattr(attributes, key) == query.attributes[key] for key in ATTRIBUTE_KEYS]
+        self.n += 1
+        self.parsed += method == "key_value"
+        self.stage1 += description == query.description
+        self.keys += sum(hits)
+        self.full += all(hits)
+        for key, hit in zip(ATTRIBUTE_KEYS, hits):
+            self.per_key[key] += hit
+        family = self.per_family.setdefault(query.family, [0, 0, 0])
+        family[0] += 1
+        family[1] += description == query.description
+        family[2] += all(hits)
+        if not all(hits) and len(self.examples) < 12:
+            self.examples.append({"query": query.text, "stage1": description, "stage2": answer,
+                                  "want": format_attributes(query.attributes)})
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        return {
+            "stage1_exact_match": self.stage1 / n,
+            "attribute_accuracy": self.keys / (n * len(ATTRIBUTE_KEYS)),
+            "attribute_full_set_accuracy": self.full / n,
+            "attribute_key_value_parse_rate": self.parsed / n,
+            "attribute_accuracy_per_key": {key: value / n for key, value in self.per_key.items()},
+            "per_family": {f: {"n": v[0], "stage1": v[1] / v[0], "full_set": v[2] / v[0]}
+                           for f, v in sorted(self.per_family.items())},
+        }
+
+
 def evaluate_mllm(mllm: Any, prompts: PromptSet, split: str = "val", seed: int = 0, count: int | None = None,
                   batch_size: int = 32) -> dict[str, Any]:
-    """Greedy generation through ``FrozenMLLM.begin``/``follow_up``, exactly as the LLaVASeg route runs it.
+    """Greedy generation through the route's own :func:`~llavaseg.method.stages.run_stages`.
 
     Stage 1 exact match (vs. the shape-name description), per-(query, key) attribute accuracy and fully correct
-    attribute sets (stage 2 continues the chat with the model's *own* stage-1 answer, parsed with
-    :func:`~llavaseg.attributes.parse_attributes`), and exact match on the split's dialogue items.
+    attribute sets (stage 2 continues the chat with the model's *own* stage-1 answer), and exact match on the
+    split's dialogue items.
     """
     from llavaseg.data.tinyworld.generate import iter_scenes
 
@@ -239,53 +275,15 @@ def evaluate_mllm(mllm: Any, prompts: PromptSet, split: str = "val", seed: int =
         array = np.asarray(image)
         queries += [(array, q) for q in target_queries]
         dialogue += [(array, d) for d in items]
-
-    stage1_hits = key_hits = full_hits = parsed = 0
-    per_key = dict.fromkeys(ATTRIBUTE_KEYS, 0)
-    per_family: dict[str, list[int]] = {}
-    examples: list[dict[str, str]] = []
+    tally = _StageTally()
     for batch in _batches(queries, batch_size):
-        images = [image for image, _ in batch]
-        reason = [prompts.render("reason", query=q.text) for _, q in batch]
-        raw, state = mllm.begin(images, reason)
-        descriptions = [r.strip() or q.text for r, (_, q) in zip(raw, batch)]
-        follow = [prompts.render("attributes", description=d, query=q.text) for d, (_, q) in zip(descriptions, batch)]
-        answers = mllm.follow_up(state, follow)
-        for (_, q), description, answer in zip(batch, descriptions, answers):
-            result = parse_attributes(answer)
-            parsed += result.method == "key_value"
-            got = {key: getattr(result.attributes, key) for key in ATTRIBUTE_KEYS}
-            hits = [got[key] == q.attributes[key] for key in ATTRIBUTE_KEYS]
-            stage1_hits += description == q.description
-            key_hits += sum(hits)
-            full_hits += all(hits)
-            for key, hit in zip(ATTRIBUTE_KEYS, hits):
-                per_key[key] += hit
-            family = per_family.setdefault(q.family, [0, 0, 0])
-            family[0] += 1
-            family[1] += description == q.description
-            family[2] += all(hits)
-            if not all(hits) and len(examples) < 12:
-                examples.append({"query": q.text, "stage1": description, "stage2": answer,
-                                 "want": format_attributes(q.attributes)})
+        stages = run_stages(mllm, prompts, [image for image, _ in batch], [q.text for _, q in batch])
+        for (_, query), stage in zip(batch, stages):
+            tally.add(query, stage.description, stage.attributes_output, stage.attributes, stage.attribute_parse)
     dialogue_hits = 0
     for batch in _batches(dialogue, batch_size):
         answers = mllm.answer([image for image, _ in batch], [d.question for _, d in batch])
         dialogue_hits += sum(a.strip() == d.answer for a, (_, d) in zip(answers, batch))
-    n = max(len(queries), 1)
-    return {
-        "split": split,
-        "data_seed": seed,
-        "queries": len(queries),
-        "stage1_exact_match": stage1_hits / n,
-        "attribute_accuracy": key_hits / (n * len(ATTRIBUTE_KEYS)),
-        "attribute_full_set_accuracy": full_hits / n,
-        "attribute_key_value_parse_rate": parsed / n,
-        "attribute_accuracy_per_key": {key: value / n for key, value in per_key.items()},
-        "per_family": {f: {"n": v[0], "stage1": v[1] / v[0], "full_set": v[2] / v[0]}
-                       for f, v in sorted(per_family.items())},
-        "dialogue_items": len(dialogue),
-        "dialogue_exact_match": dialogue_hits / max(len(dialogue), 1),
-        "eval_seconds": round(time.perf_counter() - start, 1),
-        "errors": examples,
-    }
+    return {"split": split, "data_seed": seed, "queries": len(queries), **tally.summary(),
+            "dialogue_items": len(dialogue), "dialogue_exact_match": dialogue_hits / max(len(dialogue), 1),
+            "eval_seconds": round(time.perf_counter() - start, 1), "errors": tally.examples}

@@ -23,10 +23,10 @@ attribute phrase (``color: red``, ``location: top left``, ``size: large``, ``sha
 top left``, ``the red shape``). A caption that names only some attributes is true of every object that has
 them, so the loss uses *all* matching pairs in the batch as positives (soft targets), not just the diagonal.
 
-Two measured fixes make shape and location learnable within a ~10 minute budget: auxiliary linear attribute
-heads on the joint embedding of both towers (training only, see :class:`AttributeHeads`), and a larger initial
-positional embedding in the attention pool. (A ViT tower, patch 16, learned colour and size but left shape
-and location near chance within the same budget; the CNN learns shape quickly.)
+Two fixes make shape and location learnable within a short budget: auxiliary linear attribute heads on the
+joint embedding of both towers (training only, see :class:`AttributeHeads`), and a larger initial positional
+embedding in the attention pool (``position_init_scale``); the measurements behind them, and the ViT tower
+that was tried first, are in ``docs/tinyworld.md``.
 
 Scenes come from a private seed stream (``[seed, 7, index]``, disjoint from the train/val/test/sam streams of
 :mod:`llavaseg.data.tinyworld.generate`); accuracy is measured on the benchmark's val scenes. Every random choice of
@@ -60,6 +60,7 @@ from llavaseg.train.state import load_state, save_state
 from llavaseg.views import proposal_view
 from llavaseg.data.tinyworld.generate import scene_rng
 from llavaseg.data.tinyworld.scenes import label_map, render_scene_array, sample_scene
+from llavaseg.data.tinyworld.vocab import ATTRIBUTE_VALUES as TINY_WORLD_VALUES
 from llavaseg.data.tinyworld.vocab import COLORS, LOCATIONS, SHAPES, SIZES
 
 __all__ = [
@@ -81,7 +82,10 @@ __all__ = [
 
 MODEL_NAME = "tinyworld-clip"
 WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "clip"
-ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": COLORS, "shape": SHAPES, "size": SIZES, "location": LOCATIONS}
+HEAD_ORDER: tuple[str, ...] = ("color", "shape", "size", "location")
+"""The order of the attribute heads and caption keys (it fixes the random initialisation and the RNG draws, so
+it is part of what reproduces the shipped weights); the same four keys as :data:`~llavaseg.attributes.ATTRIBUTE_KEYS`."""
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {key: TINY_WORLD_VALUES[key] for key in HEAD_ORDER}
 _CLIP_STREAM = 7  # seed-stream id of the CLIP pretraining scenes (generate.SPLIT_CODES uses 0..3)
 _BATCH_STREAM = 9
 _MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -153,7 +157,7 @@ class ScenePool:
             labels[i] = label_map(scene)
             for k, o in enumerate(scene.objects):
                 if (labels[i] == k).any():
-                    objects.append((i, k, {"color": o.color, "shape": o.shape, "size": o.size, "location": o.location}))
+                    objects.append((i, k, {key: o.attributes()[key] for key in HEAD_ORDER}))
         return cls(images, labels, objects)
 
 
@@ -163,7 +167,7 @@ def caption_for(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, d
     if form < 0.2:  # the description alone, as stage 1 gives it
         return (attrs["shape"] if rng.random() < 0.6 else f"the {attrs['shape']}"), {"shape": attrs["shape"]}
     if form < 0.6:  # one attribute phrase, as Attributes.phrases() writes it
-        key = ("color", "shape", "size", "location")[int(rng.integers(4))]
+        key = HEAD_ORDER[int(rng.integers(len(HEAD_ORDER)))]
         return f"{key}: {attrs[key]}", {key: attrs[key]}
     keep = {"color": rng.random() < 0.8, "size": rng.random() < 0.5, "location": rng.random() < 0.5,
             "shape": rng.random() < 0.8}
@@ -348,6 +352,18 @@ def load_tiny_world_clip(directory: Path | str | None = None) -> FrozenTextEncod
     return FrozenTextEncoder.create(f"local-dir:{directory}")
 
 
+def _report(out_dir: Path, config: ClipTrainConfig, model: torch.nn.Module, seconds: float, losses: list[float],
+            eval_scenes: int) -> ClipTrainReport:
+    """Reload the saved weights strictly (as users load them) and measure attribute retrieval on val."""
+    loaded = load_tiny_world_clip(out_dir)
+    return ClipTrainReport(
+        config=config, n_params=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads(),
+        train_seconds=seconds, final_loss=float(np.mean(losses[-20:])) if losses else float("nan"),
+        file_bytes=(out_dir / "open_clip_model.safetensors").stat().st_size,
+        val=evaluate_retrieval(loaded, eval_scenes), torch_version=torch.__version__,
+        open_clip_version=open_clip.__version__)
+
+
 def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, progress: bool = True,
                eval_scenes: int = 100) -> ClipTrainReport:
     """Train, save half-precision weights with ``save_local_dir`` into ``out_dir``, reload strictly, measure."""
@@ -358,9 +374,8 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
     encoder = FrozenTextEncoder.create(config.model, seed=config.seed)
     model = encoder.model.train()
     with torch.no_grad():
-        # Location lives only in the attention pool's positional embedding, whose default init (std
-        # width**-0.5) is drowned by the content features: location stayed at chance (0.10) for hundreds of
-        # steps. Starting it 8x larger, location is learned within ~50 steps (measured on the val probe).
+        # Location lives only in the attention pool's positional embedding, whose default initialisation is
+        # drowned by the content features; a larger start makes location learnable (docs/tinyworld.md).
         model.visual.attnpool.positional_embedding.mul_(config.position_init_scale)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -409,13 +424,7 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
     seconds = time.perf_counter() - start
     half = FrozenTextEncoder(model.half(), encoder.tokenizer, name=config.model)
     save_local_dir(half, config.model, out_dir)
-    loaded = load_tiny_world_clip(out_dir)
-    report = ClipTrainReport(
-        config=config, n_params=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads(),
-        train_seconds=seconds, final_loss=float(np.mean(losses[-20:])) if losses else float("nan"),
-        file_bytes=(out_dir / "open_clip_model.safetensors").stat().st_size,
-        val=evaluate_retrieval(loaded, eval_scenes), torch_version=torch.__version__,
-        open_clip_version=open_clip.__version__)
+    report = _report(out_dir, config, model, seconds, losses, eval_scenes)
     atomic_write_text(out_dir / "train_report.json", report.model_dump_json(indent=2) + "\n")
     shutil.rmtree(state_dir, ignore_errors=True)
     return report
@@ -436,6 +445,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llavaseg.cli.common import run_guarded
+    from llavaseg.errors import run_guarded
 
     raise SystemExit(run_guarded("python -m llavaseg.recipes.train_clip", main))

@@ -1,8 +1,8 @@
 """Train the tiny-world MLLM (a real ``LlavaForConditionalGeneration``) with LLaVA's two-stage recipe, then ship it.
 
-Why two stages: a 1.6 M-parameter LLaVA trained naively end to end on shape scenes plateaued at 0.25 exact match
-(``/work/shared/reference/anchors.md`` §6). LLaVA itself first aligns vision features with the language model
-and only then instruction-tunes. Here:
+Why two stages: a tiny LLaVA trained naively end to end on shape scenes does not learn to answer reliably
+(``docs/tinyworld.md``); LLaVA itself first aligns vision features with the language model and only then
+instruction-tunes. Here:
 
 1. **align** - the vision tower and projector learn, through throwaway linear heads on the *projected* image
    tokens, each grid cell's presence, colour, shape, size and cell index (:func:`~llavaseg.recipes.mllm_data.
@@ -16,18 +16,10 @@ and only then instruction-tunes. Here:
    states after LM layers 2 and 3 must classify the object the answer is about (the query's target; a dialogue
    question's object).
 
-Why the probes: with next-token loss alone the model learnt to describe *an* object of the shape named in
-stage 1, not *the* one the query means (2000 tune steps: attribute accuracy 0.72, location 0.32). From the
-same aligned vision tower, 1200-step tune runs measured on 40 val scenes gave attribute accuracy 0.668 without
-probes, 0.857 with one probe after layer 2 and 0.915 with probes after layers 2 and 3 at both stage answers
-(the probe runs asked for location first; without probes that order gave 0.665 against 0.668, and with one
-probe 0.71 against 0.73 at 600 steps, so the shipped prompt keeps colour first). Supervising one attention head
-to look at the referent's image tokens reached 73 % attention mass but not better answers (0.61 after 1000
-steps), so it was dropped.
-
-What the shipped model reaches (``weights/mllm_card.json``, all 214 val queries, 3000 tune steps): stage-1 exact
-match 0.949, attribute accuracy 0.922 (colour 0.925, location 0.855, size 0.958, shape 0.949), dialogue exact
-match 0.858 on 500 held-out questions.
+Why the probes: with next-token loss alone the model learns to describe *an* object of the shape named in
+stage 1, not *the* one the query means; supervising the hidden state where the answer is decided makes
+resolving the referent a dense target (the ablations are in ``docs/tinyworld.md``, the shipped model's
+figures in ``weights/tinyworld/mllm_card.json``).
 
 Data are generated on the fly from the tiny world's *train* split stream (scene ``i`` is seeded by
 ``(data_seed, "train", i)``), so val/test scenes and their dialogue items stay held out. Every random choice is a
@@ -220,7 +212,7 @@ class AlignPool:
     """A fixed pool of rendered train-stream scenes for stage 1, visited in a seeded shuffled order per epoch.
 
     Rendering a scene costs about as much as a vision forward/backward on it, so stage 1 reuses scenes for a
-    few epochs (no overfitting was measured: held-out per-token accuracy tracks the training accuracy).
+    few epochs (``docs/tinyworld.md``: held-out accuracy tracks training accuracy).
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -574,6 +566,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llavaseg.cli.common import run_guarded
+    from llavaseg.errors import run_guarded
 
     raise SystemExit(run_guarded("python -m llavaseg.recipes.train_mllm", main))

@@ -318,6 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llavaseg.cli.common import run_guarded
+    from llavaseg.errors import run_guarded
 
     raise SystemExit(run_guarded("python -m llavaseg.recipes.train_seg_token", main))

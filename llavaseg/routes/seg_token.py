@@ -30,7 +30,7 @@ import numpy as np
 
 from llavaseg.errors import InputError, UnsupportedError
 from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.models.presets import package_path
+from llavaseg.models.sources import parse_source
 from llavaseg.results import SegmentationResult
 from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.model import SegTokenModel
@@ -111,9 +111,10 @@ def resolve_model(context) -> SegTokenModel:
         source = context.preset.seg_token_model
     if source is None:
         return create_seg_token_model(parts.mllm, parts.sam)
-    path = package_path(str(source))
-    if not path.is_dir():
-        if str(source).startswith("pkg:"):
+    parsed = parse_source(str(source))
+    path = parsed.path()
+    if path is None or not path.is_dir():
+        if parsed.shipped:
             raise UnsupportedError(f"the shipped [SEG] model {source} is missing from this install ({path}); "
                                    "train it with python -m llavaseg.recipes.train_seg_token")
         raise InputError(f"[SEG] model directory not found: {path}")

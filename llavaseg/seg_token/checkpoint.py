@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
+from llavaseg.models.common import state_dict_mismatch
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.seg_token.model import FORMAT, SegTokenConfig, SegTokenModel, create_seg_token_model
@@ -115,13 +116,9 @@ def load_seg_token_model(directory: str | Path, mllm: FrozenMLLM, sam: FrozenSAM
             f"{directory}: [SEG] id/vocabulary {config.seg_token_id}/{config.vocab_size} do not match the base "
             f"tokenizer's {model.seg_token_id}/{model.config.vocab_size}")
     expected = trained_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise CheckpointMismatchError(f"{weights} does not fit this model: {len(missing)} missing, "
-                                      f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors (e.g. {first})")
+    problem = state_dict_mismatch(expected, state)
+    if problem:
+        raise CheckpointMismatchError(f"{weights} does not fit this model: {problem}")
     assign_trained_state(model, state)
     model.config = config
     return model.eval()

@@ -1,4 +1,4 @@
-"""Running a ``[SEG]`` model on images: the two evaluation protocols of LISA (anchors §2.4, §6.2).
+"""Running a ``[SEG]`` model on images: the two evaluation protocols of LISA (``docs/lisa.md`` §5).
 
 * ``generate`` (LISA's ``evaluate()`` / ``chat.py``): greedy generation from the user prompt; each generated
   ``[SEG]`` yields a mask from the last-layer hidden state of the generated position that predicted it. The

@@ -47,7 +47,7 @@ What does not carry over exactly
       ``CLIPVisionTower`` (``select_feature="patch"``) = transformers' ``vision_feature_select_strategy="default"``.
     * Loading needs the real weights locally (about 15 GB for 7B in bf16, plus SAM ViT-H and CLIP ViT-L/14);
       released ``pytorch_model*.bin`` shards are read with ``torch.load(weights_only=True)``.
-    * LISA v1 checkpoints were trained on ReasonSeg train+val: never report val numbers with them (anchors §2.3).
+    * LISA v1 checkpoints were trained on ReasonSeg train+val: never report val numbers with them (``docs/lisa.md`` §4).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ from typing import Any
 import torch
 
 from llavaseg.errors import CheckpointMismatchError
+from llavaseg.models.chat_templates import llava_chat_template
+from llavaseg.models.common import state_dict_mismatch
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.seg_token.model import SegTokenConfig, SegTokenModel, add_seg_token, text_hidden_fcs
 from llavaseg.seg_token.prompts import SEG_TOKEN
@@ -76,19 +78,7 @@ LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence
 def llava_v1_chat_template(use_im_start_end: bool) -> str:
     """LLaVA v1's ``llava_v1`` conversation (sep " ", sep2 "</s>") as a chat template for ``LlavaProcessor``."""
     image = f"{IM_START}{IMAGE}{IM_END}\n" if use_im_start_end else f"{IMAGE}\n"
-    return (
-        LLAVA_V1_SYSTEM + " "
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}USER: "
-        "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image + "{% endif %}{% endfor %}"
-        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
-        "{% else %}ASSISTANT: "
-        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-        "</s>"
-        "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    )
+    return llava_chat_template(system=LLAVA_V1_SYSTEM, image=image)
 
 
 @dataclass
@@ -204,42 +194,24 @@ def _identity(directory: Path, config: dict[str, Any], state: dict[str, torch.Te
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: FrozenSAM, *,
-                         dtype: torch.dtype = torch.float32) -> SegTokenModel:
-    """Build a :class:`SegTokenModel` (no LoRA: LISA's is merged) from a LISA release directory.
-
-    ``vision_tower`` is a local CLIP vision directory (``openai/clip-vit-large-patch14`` for LISA v1) with its
-    image processor; ``sam`` must be the SAM LISA was trained with (its frozen encoder is shared, not loaded).
-    """
-    from accelerate import init_empty_weights
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    directory = Path(directory).expanduser()
-    config = _read_config(directory)
-    state = read_lisa_state_dict(directory)
-    mapping = map_lisa_state_dict(state)
-    if config["out_dim"] != sam.prompt_dim:
-        raise CheckpointMismatchError(f"{directory}: out_dim {config['out_dim']} but SAM prompts are {sam.prompt_dim}-d")
-    if mapping.projector == "none" or not mapping.text_hidden_fcs or not mapping.mask_decoder:
-        raise CheckpointMismatchError(f"{directory}: not a LISA checkpoint (projector, text_hidden_fcs or "
-                                      "visual_model.mask_decoder missing)")
-    _check_frozen_sam(mapping, sam, directory)
+def _lisa_tokenizer(directory: Path, vocab_size: int) -> tuple[Any, int, int]:
+    """LISA's saved tokenizer (``[SEG]`` checked) plus our ``<image>`` placeholder; (tokenizer, seg id, image id)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # LISA: pad = unk
     seg_id = add_seg_token(tokenizer)
-    lisa_vocab = config["vocab_size"]
-    if len(tokenizer) != lisa_vocab:
-        raise CheckpointMismatchError(f"{directory}: tokenizer has {len(tokenizer)} tokens, weights {lisa_vocab}")
+    if len(tokenizer) != vocab_size:
+        raise CheckpointMismatchError(f"{directory}: tokenizer has {len(tokenizer)} tokens, weights {vocab_size}")
     tokenizer.add_tokens([IMAGE], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    use_start_end = bool(config.get("mm_use_im_start_end", True))
+    return tokenizer, seg_id, tokenizer.convert_tokens_to_ids(IMAGE)
 
-    clip = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=dtype)
-    image_processor = CLIPImageProcessor.from_pretrained(str(vision_tower))
-    vision_config = clip.config
+
+def _llava_config(config: dict[str, Any], vision_config: Any, tokenizer: Any, image_id: int, projector: str) -> Any:
+    """transformers' ``LlavaConfig`` equivalent to a LISA (LLaVA v1) checkpoint's ``config.json``."""
+    from transformers import LlamaConfig, LlavaConfig
+
     text_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
         intermediate_size=config.get("intermediate_size", 4 * config["hidden_size"]),
@@ -249,11 +221,17 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
         max_position_embeddings=config.get("max_position_embeddings", config.get("max_sequence_length", 2048)),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     grid = vision_config.image_size // vision_config.patch_size
-    llava_config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_id,
         image_seq_length=grid * grid, vision_feature_select_strategy="default",
         vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
-        projector_hidden_act="linear" if mapping.projector == "linear" else "gelu", multimodal_projector_bias=True)
+        projector_hidden_act="linear" if projector == "linear" else "gelu", multimodal_projector_bias=True)
+
+
+def _llava_model(directory: Path, mapping: LisaKeyMapping, llava_config: Any, clip: Any, dtype: torch.dtype) -> Any:
+    """transformers' ``LlavaForConditionalGeneration`` filled with LISA's (mapped) weights, strictly."""
+    from accelerate import init_empty_weights
+    from transformers import LlavaForConditionalGeneration
 
     llava_state = {key: value.to(dtype) for key, value in mapping.llava.items()}
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
@@ -266,24 +244,44 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
         llava_state.update({f"model.vision_tower.{k}": v for k, v in clip.state_dict().items()})
     with init_empty_weights():
         llava = LlavaForConditionalGeneration(llava_config)
-    expected = llava.state_dict()
-    missing = sorted(set(expected) - set(llava_state))
-    unexpected = sorted(set(llava_state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(llava_state) if expected[k].shape != llava_state[k].shape)
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise CheckpointMismatchError(f"{directory}: LISA weights do not fill transformers' LLaVA: {len(missing)} "
-                                      f"missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped (e.g. {first})")
+    problem = state_dict_mismatch(llava.state_dict(), llava_state)
+    if problem:
+        raise CheckpointMismatchError(f"{directory}: LISA weights do not fill transformers' LLaVA: {problem}")
     llava.load_state_dict(llava_state, assign=True, strict=True)
-    llava = llava.to(dtype).eval()
+    return llava.to(dtype).eval()
+
+
+def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: FrozenSAM, *,
+                         dtype: torch.dtype = torch.float32) -> SegTokenModel:
+    """Build a :class:`SegTokenModel` (no LoRA: LISA's is merged) from a LISA release directory.
+
+    ``vision_tower`` is a local CLIP vision directory (``openai/clip-vit-large-patch14`` for LISA v1) with its
+    image processor; ``sam`` must be the SAM LISA was trained with (its frozen encoder is shared, not loaded).
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionModel, LlavaProcessor
+
+    directory = Path(directory).expanduser()
+    config = _read_config(directory)
+    state = read_lisa_state_dict(directory)
+    mapping = map_lisa_state_dict(state)
+    if config["out_dim"] != sam.prompt_dim:
+        raise CheckpointMismatchError(f"{directory}: out_dim {config['out_dim']} but SAM prompts are {sam.prompt_dim}-d")
+    if mapping.projector == "none" or not mapping.text_hidden_fcs or not mapping.mask_decoder:
+        raise CheckpointMismatchError(f"{directory}: not a LISA checkpoint (projector, text_hidden_fcs or "
+                                      "visual_model.mask_decoder missing)")
+    _check_frozen_sam(mapping, sam, directory)
+    tokenizer, seg_id, image_id = _lisa_tokenizer(directory, config["vocab_size"])
+    clip = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=dtype)
+    llava = _llava_model(directory, mapping, _llava_config(config, clip.config, tokenizer, image_id,
+                                                           mapping.projector), clip, dtype)
     llava.generation_config.pad_token_id = tokenizer.pad_token_id
     llava.generation_config.eos_token_id = tokenizer.eos_token_id
-
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(str(vision_tower)),
+                               tokenizer=tokenizer, patch_size=clip.config.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=llava_v1_chat_template(use_start_end), image_token=IMAGE)
-    hidden = config["hidden_size"]
-    mlp = text_hidden_fcs(hidden, config["out_dim"])
+                               chat_template=llava_v1_chat_template(bool(config.get("mm_use_im_start_end", True))),
+                               image_token=IMAGE)
+    mlp = text_hidden_fcs(config["hidden_size"], config["out_dim"])
     mlp.load_state_dict(mapping.text_hidden_fcs)
     decoder = copy.deepcopy(sam.sam.mask_decoder)
     try:
@@ -292,9 +290,9 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
         raise CheckpointMismatchError(f"{directory}: LISA mask decoder does not fit SAM {sam.name}: "
                                       f"{str(exc).splitlines()[0]}") from None
     seg_config = SegTokenConfig(seg_token=SEG_TOKEN, seg_token_id=seg_id, base_vocab_size=seg_id,
-                                vocab_size=len(tokenizer), hidden_size=hidden, prompt_dim=config["out_dim"], lora=None,
-                                base_mllm=_identity(directory, config, state), sam=sam.identity(),
-                                source=f"lisa:{directory}")
+                                vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
+                                prompt_dim=config["out_dim"], lora=None, base_mllm=_identity(directory, config, state),
+                                sam=sam.identity(), source=f"lisa:{directory}")
     model = SegTokenModel(llava, processor, mlp.to(dtype), decoder.to(dtype), sam, seg_config)
     model.set_trainable()
     return model.eval()

@@ -1,6 +1,6 @@
 """The LISA-style ``[SEG]`` model: a fine-tuned copy of the MLLM whose ``[SEG]`` hidden state prompts SAM.
 
-Mechanics follow LISA's ``model/LISA.py`` (anchors §2.1, §5), re-implemented on transformers' LLaVA classes:
+Mechanics follow LISA's ``model/LISA.py`` (``docs/lisa.md`` §2, §8), re-implemented on transformers' LLaVA classes:
 
 * ``[SEG]`` is added to a *copy* of the tokenizer as one new token and the copy's embeddings are resized
   (new rows drawn like transformers 4.31 did for LISA, ``mean_resizing=False``). The token is checked to encode

@@ -1,4 +1,4 @@
-"""LISA's conversation texts for the ``[SEG]`` route (``utils/utils.py`` of dvlab-research/LISA, anchors §2.4).
+"""LISA's conversation texts for the ``[SEG]`` route (``utils/utils.py`` of dvlab-research/LISA, ``docs/lisa.md`` §5).
 
 Why a module of its own: the templates decide what the fine-tuned model sees, so training and both inference
 protocols must draw them from one place. Training picks a question template at random from LISA's lists (short
@@ -45,7 +45,7 @@ VAL_LONG = "{sent} Please output segmentation mask."
 """LISA ``ValDataset`` prompts (its leading space after ``<image>\\n`` is a tokenisation detail we drop)."""
 
 TEACHER_FORCED_ANSWER = "[SEG]."
-"""LISA's ``validate()`` pre-fills the assistant turn with this text (anchors §2.4, issue #145)."""
+"""LISA's ``validate()`` pre-fills the assistant turn with this text (``docs/lisa.md`` §5, LISA issue #145)."""
 
 QueryStyle = Literal["auto", "short", "long"]
 

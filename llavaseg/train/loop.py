@@ -9,7 +9,7 @@ run AdamW on the adapters alone. The frozen models stay in ``eval()`` with ``req
 gradients reach the adapters *through* SAM's frozen mask decoder (``adapter_mask_logits``) but no frozen
 parameter ever gets a ``.grad`` or changes (``tests/test_frozen.py`` checks it bit for bit).
 
-Loss (LISA, ``model/LISA.py``; anchors §2.2), on logits upsampled to the **original ground-truth
+Loss (LISA, ``model/LISA.py``; ``docs/lisa.md`` §3), on logits upsampled to the **original ground-truth
 resolution** exactly as inference does (``Sam.postprocess_masks``)::
 
     L = bce_weight * mean_masks(BCE_m) + dice_weight * mean_masks(DICE_m)        (LISA: 2.0 and 0.5)

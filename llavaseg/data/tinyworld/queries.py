@@ -89,8 +89,8 @@ class DialogueItem(BaseModel):
 
 
 def target_attributes(obj: SceneObject) -> dict[str, str]:
-    """The attribute record of an object, keys exactly ``color``, ``location``, ``size``, ``shape``."""
-    return {"color": obj.color, "location": obj.location, "size": obj.size, "shape": obj.shape}
+    """The attribute record of an object (its :meth:`~llavaseg.data.tinyworld.scenes.SceneObject.attributes`)."""
+    return obj.attributes()
 
 
 # ------------------------------------------------------------------------------------------- interpreter
@@ -171,6 +171,68 @@ def _split_once(text: str, sep: str) -> tuple[str, str]:
     return head, tail
 
 
+def _resolve_same(scene: Scene, text: str, memo: dict[str, list[int]] | None) -> list[int]:
+    """``<np> that has the same <colour|shape|size> as <np>``."""
+    objs = scene.objects
+    head_text, tail = _split_once(text, " that has the same ")
+    attr, ref_text = _split_once(tail, " as ")
+    if attr not in ("colour", "shape", "size"):
+        raise QueryError(f"cannot compare by {attr!r} in {text!r}")
+    ref = _the_one(scene, ref_text, memo)
+    if ref is None:
+        return []
+    key = {"colour": "color", "shape": "shape", "size": "size"}[attr]
+    want = getattr(objs[ref], key)
+    return [i for i in _resolve_np(scene, head_text, memo) if i != ref and getattr(objs[i], key) == want]
+
+
+def _resolve_negation(scene: Scene, text: str, memo: dict[str, list[int]] | None) -> list[int]:
+    """``<np> that is not <colour|size|a shape>``."""
+    objs = scene.objects
+    head_text, neg = _split_once(text, " that is not ")
+    head = _resolve_np(scene, head_text, memo)
+    if neg in COLORS:
+        return [i for i in head if objs[i].color != neg]
+    if neg in SIZES:
+        return [i for i in head if objs[i].size != neg]
+    if neg.startswith("a ") and neg[2:] in SHAPES:
+        return [i for i in head if objs[i].shape != neg[2:]]
+    raise QueryError(f"cannot negate {neg!r} in {text!r}")
+
+
+def _resolve_relation(scene: Scene, text: str, sep: str, rel: str, memo: dict[str, list[int]] | None) -> list[int]:
+    """``<np> <to the left of|to the right of|above|below> <np>``: same row or column, on that side."""
+    objs = scene.objects
+    head_text, ref_text = _split_once(text, sep)
+    ref = _the_one(scene, ref_text, memo)
+    if ref is None:
+        return []
+    rr, rc = objs[ref].cell
+    out = []
+    for i in _resolve_np(scene, head_text, memo):
+        r, c = objs[i].cell
+        if (rel == "left" and r == rr and c < rc) or (rel == "right" and r == rr and c > rc):
+            out.append(i)
+        elif (rel == "above" and c == rc and r < rr) or (rel == "below" and c == rc and r > rr):
+            out.append(i)
+    return out
+
+
+def _resolve_between(scene: Scene, text: str, memo: dict[str, list[int]] | None) -> list[int]:
+    """``<np> between <np> and <np>``: the cell exactly half way between two cells two apart."""
+    objs = scene.objects
+    head_text, tail = _split_once(text, " between ")
+    a_text, b_text = _split_once(tail, " and ")
+    a, b = _the_one(scene, a_text, memo), _the_one(scene, b_text, memo)
+    if a is None or b is None or a == b:
+        return []
+    (ra, ca), (rb, cb) = objs[a].cell, objs[b].cell
+    if (ra - rb) % 2 or (ca - cb) % 2 or max(abs(ra - rb), abs(ca - cb)) != 2:
+        return []
+    mid = ((ra + rb) // 2, (ca + cb) // 2)
+    return [i for i in _resolve_np(scene, head_text, memo) if objs[i].cell == mid]
+
+
 def resolve_query(scene: Scene, text: str, memo: dict[str, list[int]] | None = None) -> list[int]:
     """Indices of the objects ``text`` refers to in ``scene`` (sorted; empty when nothing fits).
 
@@ -186,52 +248,14 @@ def resolve_query(scene: Scene, text: str, memo: dict[str, list[int]] | None = N
             return []
         return [i for i in head if objs[i].color == counts[0][0]]
     if " that has the same " in text:
-        head_text, tail = _split_once(text, " that has the same ")
-        attr, ref_text = _split_once(tail, " as ")
-        if attr not in ("colour", "shape", "size"):
-            raise QueryError(f"cannot compare by {attr!r} in {text!r}")
-        ref = _the_one(scene, ref_text, memo)
-        if ref is None:
-            return []
-        key = {"colour": "color", "shape": "shape", "size": "size"}[attr]
-        want = getattr(objs[ref], key)
-        return [i for i in _resolve_np(scene, head_text, memo) if i != ref and getattr(objs[i], key) == want]
+        return _resolve_same(scene, text, memo)
     if " that is not " in text:
-        head_text, neg = _split_once(text, " that is not ")
-        head = _resolve_np(scene, head_text, memo)
-        if neg in COLORS:
-            return [i for i in head if objs[i].color != neg]
-        if neg in SIZES:
-            return [i for i in head if objs[i].size != neg]
-        if neg.startswith("a ") and neg[2:] in SHAPES:
-            return [i for i in head if objs[i].shape != neg[2:]]
-        raise QueryError(f"cannot negate {neg!r} in {text!r}")
+        return _resolve_negation(scene, text, memo)
     for sep, rel in _RELATIONS.items():
         if sep in text:
-            head_text, ref_text = _split_once(text, sep)
-            ref = _the_one(scene, ref_text, memo)
-            if ref is None:
-                return []
-            rr, rc = objs[ref].cell
-            out = []
-            for i in _resolve_np(scene, head_text, memo):
-                r, c = objs[i].cell
-                if (rel == "left" and r == rr and c < rc) or (rel == "right" and r == rr and c > rc):
-                    out.append(i)
-                elif (rel == "above" and c == rc and r < rr) or (rel == "below" and c == rc and r > rr):
-                    out.append(i)
-            return out
+            return _resolve_relation(scene, text, sep, rel, memo)
     if " between " in text:
-        head_text, tail = _split_once(text, " between ")
-        a_text, b_text = _split_once(tail, " and ")
-        a, b = _the_one(scene, a_text, memo), _the_one(scene, b_text, memo)
-        if a is None or b is None or a == b:
-            return []
-        (ra, ca), (rb, cb) = objs[a].cell, objs[b].cell
-        if (ra - rb) % 2 or (ca - cb) % 2 or max(abs(ra - rb), abs(ca - cb)) != 2:
-            return []
-        mid = ((ra + rb) // 2, (ca + cb) // 2)
-        return [i for i in _resolve_np(scene, head_text, memo) if objs[i].cell == mid]
+        return _resolve_between(scene, text, memo)
     return list(_resolve_np(scene, text, memo))
 
 
@@ -266,15 +290,12 @@ def _unique_refs(
     return [t for t in cands if _resolve_np(scene, t, memo) == [idx]]
 
 
-def _candidates(scene: Scene, t: int) -> dict[str, list[str]]:
-    """Every generated text per family that resolves to exactly the target ``t``."""
+def _short_candidates(scene: Scene, t: int, memo: dict[str, list[int]], fam: dict[str, list[str]]) -> None:
+    """Phrase families: plain attributes, location, "only", superlative, negation."""
     objs = scene.objects
     o = objs[t]
-    memo: dict[str, list[int]] = {}
-    fam: dict[str, list[str]] = {f: [] for f in (*SHORT_FAMILIES, *SENTENCE_FAMILIES)}
     heads = _plain_nps(o)
     ambiguous_heads = [h for h in heads if len(_resolve_np(scene, h, memo)) > 1]
-
     fam["attributes"] = [h for h in heads if h != "the shape" and _resolve_np(scene, h, memo) == [t]]
     fam["location"] = [h for h in _location_nps(o) if _resolve_np(scene, h, memo) == [t]]
     for h in heads:
@@ -295,6 +316,11 @@ def _candidates(scene: Scene, t: int) -> dict[str, list[str]]:
         negs |= {c.size for c in others if c.size != o.size}
         fam["negation"] += [f"{h} that is not {n}" for n in sorted(negs)]
 
+
+def _comparison_candidates(scene: Scene, t: int, memo: dict[str, list[int]], fam: dict[str, list[str]]) -> None:
+    """Sentence families that name a second object: same colour / shape, and spatial relations."""
+    objs = scene.objects
+    o = objs[t]
     for attr, key in (("colour", "color"), ("shape", "shape")):
         family = "same_colour" if attr == "colour" else "same_shape"
         for r, ref in enumerate(objs):
@@ -304,6 +330,7 @@ def _candidates(scene: Scene, t: int) -> dict[str, list[str]]:
             refs = _unique_refs(scene, r, memo, with_color=attr != "colour", with_shape=attr != "shape")
             h_opts = _plain_nps(o, with_color=attr != "colour", with_shape=attr != "shape")
             fam[family] += [f"{h} that has the same {attr} as {rt}" for h in h_opts for rt in refs]
+    heads = _plain_nps(o)
     for r, ref in enumerate(objs):
         if r == t:
             continue
@@ -315,6 +342,12 @@ def _candidates(scene: Scene, t: int) -> dict[str, list[str]]:
             rel = " below " if tr > rr else " above "
         if rel is not None:
             fam["relation"] += [f"{h}{rel}{rt}" for h in heads for rt in _unique_refs(scene, r, memo)]
+
+
+def _counting_candidates(scene: Scene, t: int, memo: dict[str, list[int]], fam: dict[str, list[str]]) -> None:
+    """Sentence families that reason over the whole scene: majority colour, between two objects."""
+    objs = scene.objects
+    o = objs[t]
     fam["majority"] = [f"{h}{_MAJORITY}" for h in _plain_nps(o, with_color=False)]
     for a in range(len(objs)):
         for b in range(a + 1, len(objs)):
@@ -326,6 +359,15 @@ def _candidates(scene: Scene, t: int) -> dict[str, list[str]]:
             for ta in _unique_refs(scene, a, memo)[:3]:
                 for tb in _unique_refs(scene, b, memo)[:3]:
                     fam["between"] += [f"{h} between {ta} and {tb}" for h in ("the shape", f"the {o.shape}")]
+
+
+def _candidates(scene: Scene, t: int) -> dict[str, list[str]]:
+    """Every generated text per family that resolves to exactly the target ``t``."""
+    memo: dict[str, list[int]] = {}
+    fam: dict[str, list[str]] = {f: [] for f in (*SHORT_FAMILIES, *SENTENCE_FAMILIES)}
+    _short_candidates(scene, t, memo, fam)
+    _comparison_candidates(scene, t, memo, fam)
+    _counting_candidates(scene, t, memo, fam)
     return {f: [x for x in texts if resolve_query(scene, x, memo) == [t]] for f, texts in fam.items()}
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from llavaseg.attributes import ATTRIBUTE_KEYS
 from llavaseg.data.tinyworld.vocab import COLOR_RGB, COLORS, GRID, IMAGE_SIZE, LOCATION_GRID, SHAPES, SIZE_RADIUS, SIZES
 
 __all__ = [
@@ -72,6 +73,10 @@ class SceneObject(BaseModel):
     bbox: tuple[int, int, int, int] = Field(
         description="(x0, y0, x1, y1) of the full drawn shape; x1/y1 exclusive (last pixel + 1)"
     )
+
+    def attributes(self) -> dict[str, str]:
+        """The object's value of every attribute a stage-2 answer names (:data:`~llavaseg.attributes.ATTRIBUTE_KEYS`)."""
+        return {key: getattr(self, key) for key in ATTRIBUTE_KEYS}
 
 
 class Scene(BaseModel):

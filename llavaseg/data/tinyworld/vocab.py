@@ -8,6 +8,8 @@ plain data; changing a value changes the data set, so bump ``GENERATOR_VERSION``
 
 from __future__ import annotations
 
+from llavaseg.attributes import ATTRIBUTE_KEYS
+
 __all__ = [
     "COLORS",
     "COLOR_RGB",
@@ -20,6 +22,7 @@ __all__ = [
     "GRID",
     "IMAGE_SIZE",
     "NUMBER_WORDS",
+    "ATTRIBUTE_VALUES",
     "VOCAB",
     "tokenize",
 ]
@@ -68,6 +71,9 @@ LOCATIONS: tuple[str, ...] = tuple(loc for row in LOCATION_GRID for loc in row)
 
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five")
 """Counts are answered in words (a scene has at most five objects)."""
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = dict(zip(ATTRIBUTE_KEYS, (COLORS, LOCATIONS, SIZES, SHAPES)))
+"""Every value each attribute can take in the tiny world."""
 
 _FUNCTION_WORDS: tuple[str, ...] = (
     # queries
