@@ -52,7 +52,7 @@ def _median_seconds(step: Callable[[], Any], repeats: int) -> tuple[float, list[
 def _batch(count: int, seed: int) -> tuple[list[np.ndarray], list[str], list[bool], list[np.ndarray], list[tuple]]:
     """``count`` tiny-world train queries (first text of each scene) with images and ground-truth masks."""
     from llavaseg.data.reasonseg import polygons_to_mask
-    from llavaseg.data.tinyworld.generate import iter_scenes
+    from llavaseg.tinyworld.generate import iter_scenes
 
     images, texts, sentences, masks, stages = [], [], [], [], []
     for scene, image, targets, _ in iter_scenes("train", seed=seed, count=count):
@@ -128,7 +128,12 @@ def seg_token_half(parts: Any, images, texts, sentences, masks, *, repeats: int)
     """The ``<SEG>`` step via the seg-token module's public training-step function (if installed)."""
     try:
         from llavaseg.seg_token.model import create_seg_token_model
-        from llavaseg.seg_token.train import SegSample, make_batch, make_optimizer, seg_token_train_step
+        from llavaseg.seg_token.train import (
+            SegSample,
+            make_batch,
+            make_optimizer,
+            seg_token_train_step,
+        )
     except ImportError as exc:
         return {"available": False, "reason": f"llavaseg.seg_token not importable: {exc}"}
     import random
@@ -182,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from llavaseg.models.presets import PRESETS, build_mllm, build_sam, build_text_encoder, new_adapters
-    from llavaseg.models.presets import Components
+    from llavaseg.models.presets import (
+        PRESETS,
+        Components,
+        build_mllm,
+        build_sam,
+        build_text_encoder,
+        new_adapters,
+    )
     from llavaseg.prompting import PromptSet
 
     preset = PRESETS[args.preset]

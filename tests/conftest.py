@@ -25,7 +25,7 @@ def rgb_image() -> np.ndarray:
 @pytest.fixture(scope="session")
 def make_tiny_world(tmp_path_factory):
     """``make_tiny_world(seed=..., sizes={...})``: a small generated tiny world in a fresh temporary folder."""
-    from llavaseg.data.tinyworld.generate import generate_tinyworld
+    from llavaseg.tinyworld.generate import generate_tinyworld
 
     def make(*, seed: int, sizes: dict[str, int]):
         return generate_tinyworld(tmp_path_factory.mktemp("tw") / "data", seed=seed, sizes=sizes)

@@ -76,8 +76,8 @@ def test_json_objects_round_trip(data):
 
 def test_attribute_keys_are_the_declared_fields_and_the_tiny_world_uses_them() -> None:
     from llavaseg.attributes import ATTRIBUTE_KEYS, Attributes
-    from llavaseg.data.tinyworld.vocab import ATTRIBUTE_VALUES
     from llavaseg.recipes.train_clip import HEAD_ORDER
+    from llavaseg.tinyworld.vocab import ATTRIBUTE_VALUES
 
     assert tuple(Attributes.model_fields) == ATTRIBUTE_KEYS == ("color", "location", "size", "shape")
     assert tuple(ATTRIBUTE_VALUES) == ATTRIBUTE_KEYS and sorted(HEAD_ORDER) == sorted(ATTRIBUTE_KEYS)

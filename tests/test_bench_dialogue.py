@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llavaseg.bench.dialogue import (DialogueAnswer, DialogueItem, collect_answers, dialogue_metrics, exact_match,
-                                     load_dialogue, normalize_answer, token_f1)
+from llavaseg.bench.dialogue import (
+    DialogueAnswer,
+    DialogueItem,
+    collect_answers,
+    dialogue_metrics,
+    exact_match,
+    load_dialogue,
+    normalize_answer,
+    token_f1,
+)
 from llavaseg.errors import InputError
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llavaseg.bench.records import BenchRecord
 from llavaseg.bench.overlays import grid_size
+from llavaseg.bench.records import BenchRecord
 from llavaseg.cli.bench import main
 from llavaseg.data.reasonseg import ReasonSegDataset, write_reasonseg_sample
 from llavaseg.evaluate import QueryRecord

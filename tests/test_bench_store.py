@@ -12,7 +12,14 @@ from pydantic import BaseModel
 
 from llavaseg.bench.config import RunConfig, check_run_config, write_run_config
 from llavaseg.bench.jsonl import TruncatedLineWarning, append_jsonl, read_jsonl
-from llavaseg.bench.overlays import CELL, HEADER, LABEL, OverlayRow, grid_size, write_grid
+from llavaseg.bench.overlays import (
+    CELL,
+    HEADER,
+    LABEL,
+    OverlayRow,
+    grid_size,
+    write_grid,
+)
 from llavaseg.bench.runner import check_preset_files, make_batches
 from llavaseg.errors import InputError
 from llavaseg.models.presets import Preset

@@ -112,8 +112,8 @@ def test_teacher_mode_reads_ground_truth_stages_and_is_labelled(world, models, t
     assert identity.stage_source == "teacher" and "teacher" in identity.mllm and identity.prompts == {}
     cache = FeatureCache(tmp_path / "t", identity)
     query = next(iter(dataset.queries()))
-    keys = build_cache(cache, [query], sam=sam, text_encoder=text_encoder, ground_truth=GroundTruthStages.for_dataset(dataset),
-                       progress=False)
+    keys = build_cache(cache, [query], sam=sam, text_encoder=text_encoder,
+                       ground_truth=GroundTruthStages.for_dataset(dataset), progress=False)
     entry = cache.entry(keys[0])
     record = next(json.loads(line) for line in (world / "train" / "stages.jsonl").read_text().splitlines()
                   if json.loads(line)["text"] == query.text)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llavaseg.models.presets import PRESETS, build_components
-from llavaseg.prompting import PromptSet
 from llavaseg.method.segment import adapter_mask_logits, encode_phrases, text_phrases
 from llavaseg.method.stages import run_stages
+from llavaseg.models.presets import PRESETS, build_components
+from llavaseg.prompting import PromptSet
 from llavaseg.train import mask_loss
 
 
 def _tiny_world_batch():
     from llavaseg.data.reasonseg import polygons_to_mask
-    from llavaseg.data.tinyworld.generate import iter_scenes
+    from llavaseg.tinyworld.generate import iter_scenes
 
     images, queries, masks = [], [], []
     for scene, image, targets, _ in iter_scenes("train", seed=11, count=2):

@@ -11,7 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from llavaseg.data.quokka import QUOKKA_TEXTS, QuokkaUnavailableError, imgaug_wheel, quokka_reasonseg_sample
+from llavaseg.data.quokka import (
+    QUOKKA_TEXTS,
+    QuokkaUnavailableError,
+    imgaug_wheel,
+    quokka_reasonseg_sample,
+)
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.evaluate import MetricAccumulator
 

@@ -1,7 +1,8 @@
 """Slow checks (``python -m pytest -m slow``): the shipped tiny-world weights regenerate from their recorded configs.
 
-The adapters take about 5 minutes on one thread. Byte equality holds for the torch build and thread count the
-card records (floating-point summation order differs between builds); the test says which one it compared.
+The adapters take a few minutes on one thread. Byte equality holds on the machine kind the card records (torch
+build, CPU model, threads: floating-point summation order differs between them); elsewhere the val figure must
+agree within noise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+
+from llavaseg.provenance import same_machine_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "adapters" / "tiny-world"
@@ -27,7 +29,7 @@ def test_tiny_world_adapters_regenerate_byte_for_byte(tmp_path: Path) -> None:
                                          "eval_every": 0, "progress": False})
     result = train_adapters(config)
     assert result.completed and result.val is not None
-    if torch.__version__ != card["torch"]:  # another build: the same figures within noise, not the same bytes
+    if not same_machine_kind(card.get("machine"), threads=1):  # another build or CPU: figures within noise
         assert abs(result.val.giou - card["val"]["giou"]) < 0.02
         return
     assert result.val.giou == card["val"]["giou"]

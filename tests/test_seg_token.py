@@ -10,14 +10,30 @@ import pytest
 import torch
 
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
-from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.models.presets import build_mllm, build_sam
-from llavaseg.seg_token.checkpoint import CONFIG_NAME, load_seg_token_model, save_seg_token_model, trained_state
-from llavaseg.seg_token.inference import generate_pass, predict, render
 from llavaseg.losses import lisa_dice_loss as dice_loss
 from llavaseg.losses import mask_losses, sigmoid_ce_loss
-from llavaseg.seg_token.model import add_seg_token, create_seg_token_model, seg_token_mask, select_seg_hidden
-from llavaseg.seg_token.train import IGNORE_INDEX, SegSample, make_batch, make_optimizer, seg_token_train_step
+from llavaseg.models.mllm import FrozenMLLM
+from llavaseg.models.presets import build_mllm, build_sam
+from llavaseg.seg_token.checkpoint import (
+    CONFIG_NAME,
+    load_seg_token_model,
+    save_seg_token_model,
+    trained_state,
+)
+from llavaseg.seg_token.inference import generate_pass, predict, render
+from llavaseg.seg_token.model import (
+    add_seg_token,
+    create_seg_token_model,
+    seg_token_mask,
+    select_seg_hidden,
+)
+from llavaseg.seg_token.train import (
+    IGNORE_INDEX,
+    SegSample,
+    make_batch,
+    make_optimizer,
+    seg_token_train_step,
+)
 
 torch.set_num_threads(1)
 

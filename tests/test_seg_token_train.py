@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from llavaseg.recipes.train_seg_token import (
+    SegTokenTrainConfig,
+    TrainData,
+    step_samples,
+)
 from llavaseg.seg_token.train import SegSample, warmup_decay
-from llavaseg.recipes.train_seg_token import SegTokenTrainConfig, TrainData, step_samples
 from llavaseg.train.state import load_state, save_state
 
 

@@ -19,7 +19,7 @@ from llavaseg.recipes.train_clip import (
     multi_positive_clip_loss,
     object_view,
 )
-from llavaseg.data.tinyworld.vocab import COLORS
+from llavaseg.tinyworld.vocab import COLORS
 
 
 @pytest.fixture(scope="module")

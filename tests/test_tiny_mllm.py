@@ -16,7 +16,6 @@ import torch
 from llavaseg.attributes import parse_attributes
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.prompting import PromptSet
-from llavaseg.data.tinyworld.generate import iter_scenes
 from llavaseg.recipes.mllm_data import (
     IGNORE,
     TINY_WORLD_MLLM_SPEC,
@@ -26,6 +25,7 @@ from llavaseg.recipes.mllm_data import (
     pixel_values,
     reason_turns,
 )
+from llavaseg.tinyworld.generate import iter_scenes
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "llavaseg" / "weights" / "tinyworld"
 MLLM_DIR = WEIGHTS / "mllm"
@@ -152,8 +152,8 @@ def test_answer_positions_are_where_each_answer_is_decided() -> None:
 
 def test_object_targets_name_the_object_in_cell_target_columns() -> None:
     from llavaseg.recipes.mllm_data import AUX_CLASSES, object_targets
-    from llavaseg.data.tinyworld.scenes import Scene, SceneObject
-    from llavaseg.data.tinyworld.vocab import COLORS, SHAPES, SIZES
+    from llavaseg.tinyworld.scenes import Scene, SceneObject
+    from llavaseg.tinyworld.vocab import COLORS, SHAPES, SIZES
 
     blob = SceneObject(shape="triangle", color="yellow", size="large", cell=(2, 1), location="bottom",
                        center=(64, 107), radius=15.0, rgb=(235, 205, 25), polygon=[[64, 87], [81, 117], [47, 117]],
@@ -168,7 +168,7 @@ def test_object_targets_name_the_object_in_cell_target_columns() -> None:
 def test_tune_batch_probes_each_answer_for_the_object_it_is_about(prompts: PromptSet) -> None:
     from llavaseg.recipes.mllm_data import build_tiny_world_mllm
     from llavaseg.recipes.train_mllm import TrainConfig, tune_batch
-    from llavaseg.data.tinyworld.vocab import COLORS, LOCATION_GRID, SHAPES, SIZES
+    from llavaseg.tinyworld.vocab import COLORS, LOCATION_GRID, SHAPES, SIZES
 
     config = TrainConfig(tune_scenes=2, reason_per_scene=2)
     _, processor = build_tiny_world_mllm(prompts)

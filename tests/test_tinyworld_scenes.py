@@ -11,9 +11,9 @@ import pytest
 
 from llavaseg.data.reasonseg import ReasonSegDataset, polygons_to_mask
 from llavaseg.errors import InputError
-from llavaseg.data.tinyworld import generate as gen
-from llavaseg.data.tinyworld.generate import generate_tinyworld, iter_scenes, main, scene_rng
-from llavaseg.data.tinyworld.queries import (
+from llavaseg.tinyworld import generate as gen
+from llavaseg.tinyworld.generate import generate_tinyworld, iter_scenes, main, scene_rng
+from llavaseg.tinyworld.queries import (
     SENTENCE_FAMILIES,
     SHORT_FAMILIES,
     QueryError,
@@ -21,8 +21,16 @@ from llavaseg.data.tinyworld.queries import (
     make_target_queries,
     resolve_query,
 )
-from llavaseg.data.tinyworld.scenes import Scene, SceneObject, full_mask, object_masks, render_scene_array, sample_scene, shape_polygon
-from llavaseg.data.tinyworld.vocab import LOCATION_GRID, VOCAB
+from llavaseg.tinyworld.scenes import (
+    Scene,
+    SceneObject,
+    full_mask,
+    object_masks,
+    render_scene_array,
+    sample_scene,
+    shape_polygon,
+)
+from llavaseg.tinyworld.vocab import LOCATION_GRID, VOCAB
 
 SMALL = {"train": 6, "val": 3, "test": 3}
 

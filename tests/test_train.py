@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 
 from llavaseg.data.mixture import Mixture
 from llavaseg.errors import CheckpointMismatchError, InputError
-from llavaseg.train import TrainConfig, dice_loss, lr_factor, mask_loss, sigmoid_bce_loss, train_adapters
+from llavaseg.train import (
+    TrainConfig,
+    dice_loss,
+    lr_factor,
+    mask_loss,
+    sigmoid_bce_loss,
+    train_adapters,
+)
 
 # ----------------------------------------------------------------------------------------------- losses (e)
 
@@ -178,3 +185,29 @@ def test_resume_refuses_a_checkpoint_of_another_run(world, frozen, tmp_path) -> 
     changed = config.model_copy(update={"lr": 1e-2})
     with pytest.raises(CheckpointMismatchError, match="lr"):
         train_adapters(changed, frozen=frozen)
+
+
+def test_validation_accepts_any_dataset_kind(world, frozen, tmp_path) -> None:
+    """A JSONL validation set (not only ReasonSeg), read through the same data set registry as the benchmark."""
+    from llavaseg.data.reasonseg import ReasonSegDataset
+    from llavaseg.data.registry import DataSource
+    from llavaseg.models.presets import build_mllm
+    from llavaseg.prompting import PromptSet
+
+    lines = []
+    for sample in ReasonSegDataset(world, "val"):
+        shapes = json.loads(sample.json_path.read_text())["shapes"]
+        lines.append(json.dumps({"image": str(sample.image_path), "query": sample.texts[0], "polygons": shapes}))
+    (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
+
+    class WithMLLM:
+        preset, sam, text_encoder = frozen.preset, frozen.sam, frozen.text_encoder
+        mllm = build_mllm("random:tiny", device="cpu", dtype=None, quantization=None)
+        prompts = PromptSet.load()
+
+    WithMLLM.mllm.max_new_tokens = 4
+    config = _config(world, tmp_path, "jsonl-val", stage_source="mllm", steps=2,
+                     validation=DataSource(kind="jsonl", path=tmp_path / "val.jsonl"))
+    result = train_adapters(config, frozen=WithMLLM())
+    assert result.completed and result.val is not None and result.val.n_queries == len(lines) == 2
+    assert [p.step for p in result.val_history] == [0, 2]

@@ -10,7 +10,12 @@ Modules, one job each:
 * :mod:`~llavaseg.bench.overlays` - ``overlays.png``, ground truth next to each route's masks.
 """
 
-from llavaseg.bench.dialogue import DialogueMetrics, exact_match, normalize_answer, token_f1
+from llavaseg.bench.dialogue import (
+    DialogueMetrics,
+    exact_match,
+    normalize_answer,
+    token_f1,
+)
 from llavaseg.bench.report import BenchResults, RouteSummary
 from llavaseg.bench.runner import BenchSettings, run_benchmark
 

@@ -27,13 +27,31 @@ import numpy as np
 from rich.console import Console
 from tqdm import tqdm
 
-from llavaseg.bench.config import RunConfig, check_run_config, file_fingerprint, fingerprint, write_run_config
-from llavaseg.bench.dialogue import (DialogueItem, DialogueMetrics, collect_answers, dialogue_metrics,
-                                     load_dialogue)
+from llavaseg.bench.config import (
+    RunConfig,
+    check_run_config,
+    file_fingerprint,
+    fingerprint,
+    write_run_config,
+)
+from llavaseg.bench.dialogue import (
+    DialogueItem,
+    DialogueMetrics,
+    collect_answers,
+    dialogue_metrics,
+    load_dialogue,
+)
 from llavaseg.bench.jsonl import append_jsonl, read_jsonl
 from llavaseg.bench.overlays import OverlayRow, write_grid
 from llavaseg.bench.records import BenchRecord, record_from_error, record_from_result
-from llavaseg.bench.report import BenchResults, Environment, RouteSummary, make_console, render_table, write_results
+from llavaseg.bench.report import (
+    BenchResults,
+    Environment,
+    RouteSummary,
+    make_console,
+    render_table,
+    write_results,
+)
 from llavaseg.data.annotations import STAGES_FILE
 from llavaseg.errors import InputError, LlavasegError
 from llavaseg.evaluate import SplitMetrics, summarize

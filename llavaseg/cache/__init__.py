@@ -38,7 +38,12 @@ One builder per cache directory at a time (no locking).
 
 from llavaseg.cache.build import build_cache, query_key
 from llavaseg.cache.identity import CACHE_FORMAT_VERSION, CacheIdentity, cache_identity
-from llavaseg.cache.store import CachedSample, FeatureCache, QueryEntry, default_cache_root
+from llavaseg.cache.store import (
+           CachedSample,
+           FeatureCache,
+           QueryEntry,
+           default_cache_root,
+)
 
 __all__ = ["CACHE_FORMAT_VERSION", "CacheIdentity", "QueryEntry", "CachedSample", "FeatureCache", "cache_identity",
            "build_cache", "query_key", "default_cache_root"]

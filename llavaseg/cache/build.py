@@ -32,7 +32,8 @@ def _digest_bytes(*parts: str | bytes) -> str:
     return digest.hexdigest()
 
 
-def query_key(image_key: str, text: str, mask: np.ndarray, ground_truth: tuple[str, dict[str, str]] | None = None) -> str:
+def query_key(image_key: str, text: str, mask: np.ndarray,
+              ground_truth: tuple[str, dict[str, str]] | None = None) -> str:
     """Content key of a query: same pixels, text, ground truth (and ground-truth stages) -> same key."""
     mask_digest = _digest_bytes(str(mask.shape), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
     extra = json.dumps(ground_truth, sort_keys=True) if ground_truth is not None else ""

@@ -102,7 +102,8 @@ def _validate_common(args: argparse.Namespace) -> list[str] | None:
 def _reasonseg(args: argparse.Namespace) -> int:
     from llavaseg.bench.runner import BenchSettings, run_benchmark
     from llavaseg.data.annotations import DIALOGUE_FILE
-    from llavaseg.data.registry import DataSource, default_tiny_world_source, open_dataset
+    from llavaseg.data.registry import DataSource, open_dataset
+    from llavaseg.tinyworld.generate import default_tiny_world_source
 
     routes = _validate_common(args)
     if args.data is None:
@@ -168,8 +169,8 @@ def _refcoco(args: argparse.Namespace) -> int:
 
 def _speed(args: argparse.Namespace) -> int:
     from llavaseg.bench.runner import check_preset_files
-    from llavaseg.models.presets import PRESETS
     from llavaseg.bench.speed import format_report, run_speed
+    from llavaseg.models.presets import PRESETS
 
     if args.preset not in PRESETS:
         raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llavaseg.errors import InputError
 
-__all__ = ["DatasetKind", "DataSource", "DATASET_KINDS", "open_dataset", "default_tiny_world_source"]
+__all__ = ["DatasetKind", "DataSource", "DATASET_KINDS", "open_dataset"]
 
 DatasetKind = Literal["reasonseg", "refcoco", "jsonl"]
 
@@ -65,10 +65,3 @@ def open_dataset(source: DataSource) -> Any:
     if not Path(source.path).exists():
         raise InputError(f"{source.kind} data not found: {source.path}")
     return DATASET_KINDS[source.kind](source)
-
-
-def default_tiny_world_source(split: str, *, first_text_only: bool = False) -> DataSource:
-    """The embedded tiny world (generated once into the user cache) as a ReasonSeg source."""
-    from llavaseg.data.tinyworld.generate import default_tinyworld_root
-
-    return DataSource(kind="reasonseg", path=default_tinyworld_root(), split=split, first_text_only=first_text_only)

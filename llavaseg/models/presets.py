@@ -70,7 +70,7 @@ def list_presets() -> dict[str, str]:
 def tiny_vocabulary() -> list[str]:
     """Words of the tiny world and of the shipped prompt templates (the random tiny MLLM's vocabulary)."""
     from llavaseg.prompting import PromptSet
-    from llavaseg.data.tinyworld.vocab import VOCAB
+    from llavaseg.tinyworld.vocab import VOCAB
 
     prompts = PromptSet.load()
     return [*VOCAB, *" ".join(t.text for t in prompts.templates.values()).replace("{", " ").replace("}", " ").split()]

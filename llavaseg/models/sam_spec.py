@@ -12,7 +12,13 @@ from functools import partial
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
 
 
 class SamSpec(BaseModel):

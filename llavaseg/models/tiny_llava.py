@@ -15,7 +15,6 @@ from collections.abc import Iterable
 import torch
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from llavaseg.models.chat_templates import llava_chat_template
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -25,6 +24,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+
+from llavaseg.models.chat_templates import llava_chat_template
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_TOKEN = "<image>"

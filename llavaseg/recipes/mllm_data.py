@@ -8,7 +8,8 @@ by ``</s>``), so the encoding lives here and is checked against the processor in
 Why the architecture looks the way it does: scenes are a 3x3 grid of cells on a 128 px image. At
 ``image_size=96`` and ``patch_size=16`` every grid cell is exactly 2x2 ViT patches (36 image tokens), so each
 object covers a few patches and the shared patch embedding sees it at several offsets (the coarser layout
-that was tried first is in ``docs/tinyworld.md``). The vision side is first taught to put, into *every* projected token, the presence, colour, shape and
+that was tried first is in ``docs/tinyworld.md``). The vision side is first taught to put, into *every*
+projected token, the presence, colour, shape and
 size of the object of its grid cell and the cell's index (throwaway heads, :func:`cell_targets`), so the language
 model only has to *read and reason*, not see.
 """
@@ -27,9 +28,9 @@ from llavaseg.attributes import ATTRIBUTE_KEYS
 from llavaseg.method.stages import run_stages
 from llavaseg.models.tiny_llava import TinyLlavaSpec, build_tiny_llava, words_of
 from llavaseg.prompting import PromptSet
-from llavaseg.data.tinyworld.queries import DialogueItem, TargetQuery
-from llavaseg.data.tinyworld.scenes import Scene
-from llavaseg.data.tinyworld.vocab import COLORS, GRID, SHAPES, SIZES, VOCAB
+from llavaseg.tinyworld.queries import DialogueItem, TargetQuery
+from llavaseg.tinyworld.scenes import Scene
+from llavaseg.tinyworld.vocab import COLORS, GRID, SHAPES, SIZES, VOCAB
 
 __all__ = [
     "TINY_WORLD_MLLM_SPEC",
@@ -266,7 +267,7 @@ def evaluate_mllm(mllm: Any, prompts: PromptSet, split: str = "val", seed: int =
     attribute sets (stage 2 continues the chat with the model's *own* stage-1 answer), and exact match on the
     split's dialogue items.
     """
-    from llavaseg.data.tinyworld.generate import iter_scenes
+    from llavaseg.tinyworld.generate import iter_scenes
 
     start = time.perf_counter()
     queries: list[tuple[np.ndarray, TargetQuery]] = []

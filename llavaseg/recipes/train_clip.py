@@ -29,7 +29,7 @@ embedding in the attention pool (``position_init_scale``); the measurements behi
 that was tried first, are in ``docs/tinyworld.md``.
 
 Scenes come from a private seed stream (``[seed, 7, index]``, disjoint from the train/val/test/sam streams of
-:mod:`llavaseg.data.tinyworld.generate`); accuracy is measured on the benchmark's val scenes. Every random choice of
+:mod:`llavaseg.tinyworld.generate`); accuracy is measured on the benchmark's val scenes. Every random choice of
 step ``s`` is seeded from ``(seed, s)`` and checkpoints hold the optimizer moments, so a resumed run equals an
 uninterrupted one. Weights are stored as float16 (the 49408-row token table dominates the file).
 
@@ -49,19 +49,20 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.models.text_encoder import FrozenTextEncoder, save_local_dir
+from llavaseg.paths import TINY_WORLD_WEIGHTS
+from llavaseg.provenance import machine
+from llavaseg.tinyworld.generate import scene_rng
+from llavaseg.tinyworld.scenes import label_map, render_scene_array, sample_scene
+from llavaseg.tinyworld.vocab import ATTRIBUTE_VALUES as TINY_WORLD_VALUES
+from llavaseg.tinyworld.vocab import COLORS, LOCATIONS, SHAPES, SIZES
 from llavaseg.train.schedule import warmup_cosine_lr
 from llavaseg.train.state import load_state, save_state
 from llavaseg.views import proposal_view
-from llavaseg.data.tinyworld.generate import scene_rng
-from llavaseg.data.tinyworld.scenes import label_map, render_scene_array, sample_scene
-from llavaseg.data.tinyworld.vocab import ATTRIBUTE_VALUES as TINY_WORLD_VALUES
-from llavaseg.data.tinyworld.vocab import COLORS, LOCATIONS, SHAPES, SIZES
 
 __all__ = [
     "MODEL_NAME",
@@ -84,7 +85,8 @@ MODEL_NAME = "tinyworld-clip"
 WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "clip"
 HEAD_ORDER: tuple[str, ...] = ("color", "shape", "size", "location")
 """The order of the attribute heads and caption keys (it fixes the random initialisation and the RNG draws, so
-it is part of what reproduces the shipped weights); the same four keys as :data:`~llavaseg.attributes.ATTRIBUTE_KEYS`."""
+it is part of what reproduces the shipped weights); the same four keys as
+:data:`~llavaseg.attributes.ATTRIBUTE_KEYS`."""
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {key: TINY_WORLD_VALUES[key] for key in HEAD_ORDER}
 _CLIP_STREAM = 7  # seed-stream id of the CLIP pretraining scenes (generate.SPLIT_CODES uses 0..3)
 _BATCH_STREAM = 9
@@ -133,6 +135,7 @@ class ClipTrainReport(BaseModel):
     val: RetrievalReport
     torch_version: str
     open_clip_version: str
+    machine: dict = Field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -361,7 +364,19 @@ def _report(out_dir: Path, config: ClipTrainConfig, model: torch.nn.Module, seco
         train_seconds=seconds, final_loss=float(np.mean(losses[-20:])) if losses else float("nan"),
         file_bytes=(out_dir / "open_clip_model.safetensors").stat().st_size,
         val=evaluate_retrieval(loaded, eval_scenes), torch_version=torch.__version__,
-        open_clip_version=open_clip.__version__)
+        open_clip_version=open_clip.__version__, machine=machine())
+
+
+def _batch_loss(model: torch.nn.Module, heads: AttributeHeads, encoder: FrozenTextEncoder, batch: Batch,
+                config: ClipTrainConfig) -> torch.Tensor:
+    """Multi-positive InfoNCE of one batch, plus the auxiliary attribute heads on both towers."""
+    image_features = model.encode_image(batch.images)
+    text_features = model.encode_text(encoder.tokenizer(batch.captions))
+    loss = multi_positive_clip_loss(image_features, text_features, model.logit_scale, batch.match)
+    if config.aux_weight > 0:
+        loss = loss + config.aux_weight * (heads.loss(image_features, batch.image_attrs)
+                                           + heads.loss(text_features, batch.caption_constraints))
+    return loss
 
 
 def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, progress: bool = True,
@@ -400,12 +415,7 @@ def train_clip(out_dir: Path | str, config: ClipTrainConfig | None = None, *, pr
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(step, lr=config.lr, min_lr=config.min_lr, warmup=config.warmup_steps,
                                            total=config.steps)
-        image_features = model.encode_image(batch.images)
-        text_features = model.encode_text(encoder.tokenizer(batch.captions))
-        loss = multi_positive_clip_loss(image_features, text_features, model.logit_scale, batch.match)
-        if config.aux_weight > 0:
-            loss = loss + config.aux_weight * (heads.loss(image_features, batch.image_attrs)
-                                               + heads.loss(text_features, batch.caption_constraints))
+        loss = _batch_loss(model, heads, encoder, batch, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)

@@ -37,7 +37,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -48,12 +47,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.train.schedule import lr_factor as schedule_factor
-from llavaseg.train.state import load_state, peek_state, save_state
+from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.prompting import PromptSet
-from llavaseg.data.tinyworld.generate import iter_scenes, scene_rng
+from llavaseg.provenance import machine
 from llavaseg.recipes.mllm_data import (
     AUX_CLASSES,
     IGNORE,
@@ -68,7 +65,10 @@ from llavaseg.recipes.mllm_data import (
     pixel_values,
     reason_turns,
 )
-from llavaseg.data.tinyworld.scenes import Scene, render_scene_array, sample_scene
+from llavaseg.tinyworld.generate import iter_scenes, scene_rng
+from llavaseg.tinyworld.scenes import Scene, render_scene_array, sample_scene
+from llavaseg.train.schedule import lr_factor as schedule_factor
+from llavaseg.train.state import load_state, peek_state, save_state
 
 __all__ = ["TrainConfig", "AuxHeads", "train_mllm", "main"]
 
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "note_on_time": "wall time on a 2-core machine shared with other training jobs; cpu_seconds is this "
                         "process's CPU time (threads=1, so it is the time an idle core would need)",
         "threads": config.threads,
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpu_count": os.cpu_count(), **machine(), "threads": config.threads},
         "val": report,
         "history": record["history"],
     }

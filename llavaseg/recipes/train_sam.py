@@ -9,7 +9,7 @@ loss for the IoU head. It goes through the standard path (``image_encoder(prepro
 ``prompt_encoder(points, boxes, masks=None)``, ``mask_decoder``), decoding one image embedding with all of
 that image's prompts at a time, as the decoder expects.
 
-Scenes come from the endless ``"sam"`` split stream of :mod:`llavaseg.data.tinyworld.generate`, disjoint from the
+Scenes come from the endless ``"sam"`` split stream of :mod:`llavaseg.tinyworld.generate`, disjoint from the
 val/test scenes the result is measured on. Everything that is random is seeded from ``(seed, step)``, so a run
 resumed from its checkpoint continues exactly like an uninterrupted one.
 
@@ -28,19 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from llavaseg.atomic import atomic_write, atomic_write_text
-from llavaseg.paths import TINY_WORLD_WEIGHTS
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.losses import per_mask_bce, per_mask_dice
 from llavaseg.models.sam_spec import SAM_SPECS, build_sam_from_spec
+from llavaseg.paths import TINY_WORLD_WEIGHTS
+from llavaseg.provenance import machine
+from llavaseg.tinyworld.generate import scene_rng
+from llavaseg.tinyworld.scenes import object_masks, render_scene_array, sample_scene
 from llavaseg.train.schedule import warmup_cosine_lr
 from llavaseg.train.state import load_state, save_state
-from llavaseg.data.tinyworld.generate import scene_rng
-from llavaseg.data.tinyworld.scenes import object_masks, render_scene_array, sample_scene
 
 __all__ = [
     "SPEC_NAME",
@@ -95,6 +96,7 @@ class TrainReport(BaseModel):
     val_oracle_box_miou_inclusive: float
     val_target_miou: float
     torch_version: str
+    machine: dict = Field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -285,7 +287,7 @@ def _report(sam: Sam, cfg: TrainConfig, *, threads: int, train_seconds: float, l
         n_params=sum(p.numel() for p in sam.parameters()), threads=threads, train_seconds=round(train_seconds, 1),
         final_loss=round(loss_ema, 5), val_scenes=100, val_objects=n_obj, val_oracle_box_miou=round(miou, 4),
         val_oracle_box_miou_inclusive=round(miou_incl, 4), val_target_miou=round(target_miou, 4),
-        torch_version=torch.__version__)
+        torch_version=torch.__version__, machine={**machine(), "threads": threads})
 
 
 def train_sam(cfg: TrainConfig, out_dir: Path, threads: int = 1, log_every: int = 25, evaluate: bool = True) -> TrainReport:

@@ -10,9 +10,9 @@ protocols (generated ``[SEG]`` and teacher-forced, first text per image as LISA)
 base MLLM.
 
 Everything random is seeded from ``(seed, step)``, and the model + optimiser are checkpointed every
-``checkpoint_every`` steps into ``--work`` (:mod:`llavaseg.train.state`), so an interrupted run resumes exactly. Only what training changed is
-shipped (``seg_token.safetensors``: LoRA, embeddings, LM head, projection, decoder) plus ``seg_token.json`` and
-``card.json``.
+``checkpoint_every`` steps into ``--work`` (:mod:`llavaseg.train.state`), so an interrupted run resumes exactly.
+Only what training changed is shipped (``seg_token.safetensors``: LoRA, embeddings, LM head, projection,
+decoder) plus ``seg_token.json`` and ``card.json``.
 
 CLI: ``python -m llavaseg.recipes.train_seg_token --out llavaseg/weights/tinyworld/seg_token --steps N``
 (``--preset tiny`` for a plumbing run on random models).
@@ -34,17 +34,28 @@ from tqdm import tqdm
 from llavaseg.atomic import atomic_write_text
 from llavaseg.data.annotations import DIALOGUE_FILE, DialogueRecord, read_records
 from llavaseg.data.reasonseg import ReasonSegDataset
-from llavaseg.paths import TINY_WORLD_WEIGHTS, cache_dir
 from llavaseg.errors import InputError
 from llavaseg.evaluate import MetricAccumulator
 from llavaseg.images import load_image
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.presets import PRESETS, build_mllm, build_sam
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
-from llavaseg.seg_token.checkpoint import assign_trained_state, save_seg_token_model, trained_state
+from llavaseg.paths import TINY_WORLD_WEIGHTS, cache_dir
+from llavaseg.provenance import machine
+from llavaseg.seg_token.checkpoint import (
+    assign_trained_state,
+    save_seg_token_model,
+    trained_state,
+)
 from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.model import SegTokenModel, create_seg_token_model
-from llavaseg.seg_token.train import SegSample, make_batch, make_optimizer, seg_token_train_step, warmup_decay
+from llavaseg.seg_token.train import (
+    SegSample,
+    make_batch,
+    make_optimizer,
+    seg_token_train_step,
+    warmup_decay,
+)
 from llavaseg.train.state import load_state, save_state
 
 WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "seg_token"
@@ -100,6 +111,7 @@ class SegTokenTrainReport(BaseModel):
     val_dialogue: DialogueScores | None = None
     weights_bytes: int = 0
     torch_version: str = Field(default_factory=lambda: torch.__version__)
+    machine: dict = Field(default_factory=machine)
     protocol_note: str = ("val = tiny-world val, first text per image (LISA ValDataset); 'generate' = greedy "
                           "generation, mask from generated [SEG] (union), empty mask if none; 'teacher_forced' = "
                           "LISA validate(): assistant turn pre-filled with '[SEG].'")
@@ -292,7 +304,7 @@ def evaluate_into(report: SegTokenTrainReport, model: SegTokenModel, mllm: Froze
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llavaseg.data.tinyworld.generate import default_tinyworld_root
+    from llavaseg.tinyworld.generate import default_tinyworld_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)

@@ -42,12 +42,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llavaseg.attributes import Attributes
 from llavaseg.errors import InputError
+from llavaseg.method.stages import StageOutputs, run_stages
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.models.text_encoder import FrozenTextEncoder
 from llavaseg.prompting import PromptSet
 from llavaseg.results import SegmentationResult
-from llavaseg.method.stages import StageOutputs, run_stages
 from llavaseg.timing import StageTimer
 from llavaseg.views import proposal_view
 

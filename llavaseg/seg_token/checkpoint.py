@@ -26,7 +26,12 @@ from llavaseg.errors import CheckpointMismatchError, UnsupportedError
 from llavaseg.models.common import state_dict_mismatch
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
-from llavaseg.seg_token.model import FORMAT, SegTokenConfig, SegTokenModel, create_seg_token_model
+from llavaseg.seg_token.model import (
+    FORMAT,
+    SegTokenConfig,
+    SegTokenModel,
+    create_seg_token_model,
+)
 
 CONFIG_NAME = "seg_token.json"
 WEIGHTS_NAME = "seg_token.safetensors"

@@ -22,7 +22,12 @@ import torch
 from PIL import Image
 
 from llavaseg.seg_token.model import SegTokenModel, select_seg_hidden
-from llavaseg.seg_token.prompts import TEACHER_FORCED_ANSWER, QueryStyle, looks_like_sentence, validation_request
+from llavaseg.seg_token.prompts import (
+    TEACHER_FORCED_ANSWER,
+    QueryStyle,
+    looks_like_sentence,
+    validation_request,
+)
 
 Protocol = Literal["generate", "teacher-forced"]
 

@@ -66,7 +66,12 @@ from llavaseg.errors import CheckpointMismatchError
 from llavaseg.models.chat_templates import llava_chat_template
 from llavaseg.models.common import state_dict_mismatch
 from llavaseg.models.sam import FrozenSAM
-from llavaseg.seg_token.model import SegTokenConfig, SegTokenModel, add_seg_token, text_hidden_fcs
+from llavaseg.seg_token.model import (
+    SegTokenConfig,
+    SegTokenModel,
+    add_seg_token,
+    text_hidden_fcs,
+)
 from llavaseg.seg_token.prompts import SEG_TOKEN
 
 IM_START, IM_END, IMAGE = "<im_start>", "<im_end>", "<image>"

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from llavaseg.errors import InputError, TemplateError
+from llavaseg.losses import LossWeights, mask_losses
 from llavaseg.models.sam import SamImageFeatures
 from llavaseg.seg_token.inference import render
-from llavaseg.losses import LossWeights, mask_losses
 from llavaseg.seg_token.model import SegTokenModel, select_seg_hidden
 from llavaseg.seg_token.prompts import SEG_TOKEN, training_answer, training_request
 from llavaseg.train.schedule import lambda_scheduler

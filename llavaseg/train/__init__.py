@@ -11,7 +11,13 @@ training state). The losses are :mod:`llavaseg.losses`.
 """
 
 from llavaseg.losses import dice_loss, mask_loss, sigmoid_bce_loss
-from llavaseg.train.config import DataSource, LossPoint, TrainConfig, TrainResult, ValPoint
+from llavaseg.train.config import (
+           DataSource,
+           LossPoint,
+           TrainConfig,
+           TrainResult,
+           ValPoint,
+)
 from llavaseg.train.loop import train_adapters
 from llavaseg.train.schedule import lr_factor
 from llavaseg.train.step import adapter_train_step

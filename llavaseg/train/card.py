@@ -12,6 +12,7 @@ import torch
 from llavaseg.atomic import atomic_write_text
 from llavaseg.data.registry import DataSource
 from llavaseg.paths import portable_path
+from llavaseg.provenance import machine
 from llavaseg.train.config import LossPoint, TrainConfig, ValPoint
 
 __all__ = ["adapter_card", "write_card"]
@@ -43,7 +44,7 @@ def adapter_card(config: TrainConfig, *, sources: list[DataSource], final: ValPo
         "val_history": [p.model_dump() for p in val_history],
         "config": config.model_dump(mode="json"),
         "frozen_models": frozen_models,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": machine(),
     }
 
 

@@ -41,15 +41,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from llavaseg.cache import CachedSample, FeatureCache, build_cache, cache_identity, default_cache_root
+from llavaseg.cache import (
+    CachedSample,
+    FeatureCache,
+    build_cache,
+    cache_identity,
+    default_cache_root,
+)
 from llavaseg.data.annotations import GroundTruthStages
 from llavaseg.data.mixture import Mixture
-from llavaseg.data.registry import DataSource, default_tiny_world_source, open_dataset
+from llavaseg.data.registry import DataSource, open_dataset
 from llavaseg.errors import InputError
 from llavaseg.models.adapters import MultiScaleAdapters, save_adapters
 from llavaseg.paths import cache_dir
+from llavaseg.tinyworld.generate import default_tiny_world_source
 from llavaseg.train.card import adapter_card, write_card
-from llavaseg.train.config import RESUME_FREE_FIELDS, LossPoint, TrainConfig, TrainResult, ValPoint
+from llavaseg.train.config import (
+    RESUME_FREE_FIELDS,
+    LossPoint,
+    TrainConfig,
+    TrainResult,
+    ValPoint,
+)
 from llavaseg.train.schedule import lambda_scheduler
 from llavaseg.train.state import load_state, save_state
 from llavaseg.train.step import adapter_train_step
@@ -62,7 +75,12 @@ class FrozenModels:
     """The frozen models a run needs (the MLLM and prompts only when stage outputs come from it)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from llavaseg.models.presets import PRESETS, build_mllm, build_sam, build_text_encoder
+        from llavaseg.models.presets import (
+            PRESETS,
+            build_mllm,
+            build_sam,
+            build_text_encoder,
+        )
 
         if config.preset not in PRESETS:
             raise InputError(f"unknown preset {config.preset!r}; available: {', '.join(PRESETS)}")

@@ -10,7 +10,7 @@ Layout written under ``out_root``::
 
 Every scene has its own random generator seeded by ``(seed, split, index)``: splits never share scenes,
 scene ``i`` does not depend on how many scenes come before it, and :func:`iter_scenes` reproduces exactly
-what was written without touching disk. Targets are never occluded (see :mod:`llavaseg.data.tinyworld.scenes`),
+what was written without touching disk. Targets are never occluded (see :mod:`llavaseg.tinyworld.scenes`),
 so the ``target`` polygon is the exact visible outline and no ``ignore`` polygons are needed.
 """
 
@@ -28,12 +28,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llavaseg.data.annotations import DIALOGUE_FILE, STAGES_FILE, DialogueRecord, StageRecord, write_records
+from llavaseg.data.annotations import (
+    DIALOGUE_FILE,
+    STAGES_FILE,
+    DialogueRecord,
+    StageRecord,
+    write_records,
+)
 from llavaseg.data.reasonseg import write_reasonseg_sample
+from llavaseg.data.registry import DataSource
 from llavaseg.errors import InputError
 from llavaseg.paths import cache_dir
-from llavaseg.data.tinyworld.queries import DialogueItem, TargetQuery, make_dialogue, make_target_queries
-from llavaseg.data.tinyworld.scenes import Scene, render_scene, sample_scene
+from llavaseg.tinyworld.queries import (
+    DialogueItem,
+    TargetQuery,
+    make_dialogue,
+    make_target_queries,
+)
+from llavaseg.tinyworld.scenes import Scene, render_scene, sample_scene
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -44,6 +56,7 @@ __all__ = [
     "iter_scenes",
     "generate_tinyworld",
     "default_tinyworld_root",
+    "default_tiny_world_source",
     "main",
 ]
 
@@ -175,8 +188,13 @@ def default_tinyworld_root() -> Path:
     return root
 
 
+def default_tiny_world_source(split: str, *, first_text_only: bool = False) -> DataSource:
+    """The embedded tiny world (generated once into the user cache) as a ReasonSeg data source."""
+    return DataSource(kind="reasonseg", path=default_tinyworld_root(), split=split, first_text_only=first_text_only)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m llavaseg.data.tinyworld.generate --out DIR --seed 0 [--train N --val N --test N]``."""
+    """CLI: ``python -m llavaseg.tinyworld.generate --out DIR --seed 0 [--train N --val N --test N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (created or replaced)")
     parser.add_argument("--seed", type=int, default=0)

@@ -28,7 +28,16 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from llavaseg.attributes import ATTRIBUTE_KEYS
-from llavaseg.data.tinyworld.vocab import COLOR_RGB, COLORS, GRID, IMAGE_SIZE, LOCATION_GRID, SHAPES, SIZE_RADIUS, SIZES
+from llavaseg.tinyworld.vocab import (
+    COLOR_RGB,
+    COLORS,
+    GRID,
+    IMAGE_SIZE,
+    LOCATION_GRID,
+    SHAPES,
+    SIZE_RADIUS,
+    SIZES,
+)
 
 __all__ = [
     "SceneObject",
@@ -75,7 +84,7 @@ class SceneObject(BaseModel):
     )
 
     def attributes(self) -> dict[str, str]:
-        """The object's value of every attribute a stage-2 answer names (:data:`~llavaseg.attributes.ATTRIBUTE_KEYS`)."""
+        """The object's value of every attribute a stage-2 answer names (``ATTRIBUTE_KEYS``)."""
         return {key: getattr(self, key) for key in ATTRIBUTE_KEYS}
 
 

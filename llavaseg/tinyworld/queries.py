@@ -5,7 +5,7 @@ trust from the generator: every candidate text is re-read by :func:`resolve_quer
 the closed query grammar below that works on the scene's own facts, and only texts resolving to exactly the
 target survive. The same interpreter lets tests (and anyone debugging a model) check any text.
 
-Grammar (lower case, space separated, words from :data:`~llavaseg.data.tinyworld.vocab.VOCAB`)::
+Grammar (lower case, space separated, words from :data:`~llavaseg.tinyworld.vocab.VOCAB`)::
 
     NP   := "the" ["only"] ["smallest"|"largest"] [SIZE] [COLOR] (SHAPE|"shape") ["in the" LOCATION]
     TEXT := NP
@@ -30,8 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from llavaseg.data.tinyworld.scenes import Scene, SceneObject
-from llavaseg.data.tinyworld.vocab import COLORS, LOCATIONS, NUMBER_WORDS, SHAPE_PLURALS, SHAPES, SIZES
+from llavaseg.tinyworld.scenes import Scene, SceneObject
+from llavaseg.tinyworld.vocab import (
+    COLORS,
+    LOCATIONS,
+    NUMBER_WORDS,
+    SHAPE_PLURALS,
+    SHAPES,
+    SIZES,
+)
 
 __all__ = [
     "TargetQuery",
@@ -89,7 +96,7 @@ class DialogueItem(BaseModel):
 
 
 def target_attributes(obj: SceneObject) -> dict[str, str]:
-    """The attribute record of an object (its :meth:`~llavaseg.data.tinyworld.scenes.SceneObject.attributes`)."""
+    """The attribute record of an object (its :meth:`~llavaseg.tinyworld.scenes.SceneObject.attributes`)."""
     return obj.attributes()
 
 
