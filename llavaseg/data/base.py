@@ -14,11 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import cv2
 import numpy as np
-from PIL import Image
 
-from llavaseg.errors import InputError
+from llavaseg.images import image_size, load_image
 
 __all__ = ["SegQuery", "SegDataset", "read_rgb", "image_hw", "IGNORE_VALUE"]
 
@@ -65,43 +63,16 @@ class SegDataset(Protocol):
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image as ``uint8 H x W x 3`` RGB exactly as LISA does (``cv2.imread`` then BGR->RGB).
+    """Read an image as ``uint8 H x W x 3`` RGB, upright, with the one loader everything uses
+    (:func:`llavaseg.images.load_image`): the API, the CLI and every data set see the same pixels.
 
-    ``cv2.imread`` applies the EXIF orientation tag, and so does LabelMe when annotating, so polygon
-    coordinates match the image returned here. Grayscale and RGBA files come back as 3-channel RGB.
+    The EXIF orientation is applied, as LabelMe does when annotating and ``cv2.imread`` does in LISA's loader,
+    so polygon coordinates match the image returned here.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        # cv2 cannot open some paths (e.g. non-ASCII on Windows) or formats; fall back to Pillow.
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the same user-facing problem
-            raise InputError(f"cannot decode image {path}: {exc}") from None
-    return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90/270 degrees
+    return load_image(Path(path))
 
 
 def image_hw(path: Path) -> tuple[int, int]:
-    """Return ``(height, width)`` of an image as :func:`read_rgb` would return it, reading only the header.
-
-    Masks are rasterised at the image size; decoding the full image just for its size would double the
-    cost of ``load_mask``. The EXIF orientation is honoured so the result agrees with ``cv2.imread``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot read image header of {path}: {exc}") from None
-    if orientation in _SWAPPING_ORIENTATIONS:
-        width, height = height, width
-    return int(height), int(width)
+    """``(height, width)`` of an image as :func:`read_rgb` returns it, from the header only (masks are
+    rasterised at the image size; decoding the whole image for its size would double ``load_mask``'s cost)."""
+    return image_size(Path(path))
