@@ -18,6 +18,8 @@ _EXPORTS = {
     "LlavasegError": "llavaseg.errors",
     "PRESETS": "llavaseg.models.presets",
     "list_presets": "llavaseg.models.presets",
+    "sample_scene": "llavaseg.tinyworld",
+    "SAMPLE_QUERY": "llavaseg.tinyworld",
 }
 
 __all__ = list(_EXPORTS)
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llavaseg.models.presets import PRESETS, list_presets
     from llavaseg.results import SegmentationResult
     from llavaseg.segmenter import Segmenter
+    from llavaseg.tinyworld import SAMPLE_QUERY, sample_scene
 
 
 def __getattr__(name: str) -> Any:

@@ -37,6 +37,10 @@ class UnsupportedError(LlavasegError, RuntimeError):
     """The requested feature (e.g. 4-bit loading) is unavailable on this platform or install."""
 
 
+class UntrainedError(LlavasegError, ValueError):
+    """A route's trainable part (adapters, a ``[SEG]`` model) is missing and random weights were not allowed."""
+
+
 class DatasetFormatError(InputError):
     """A dataset file does not follow the format its loader expects (a kind of bad input)."""
 

@@ -36,7 +36,7 @@ def make_tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sam_and_text_encoder():
     """Random tiny SAM and open_clip text encoder of the real classes (frozen; shared by cache/train tests)."""
-    from llavaseg.models.presets import build_sam, build_text_encoder
+    from llavaseg.models.components import build_sam, build_text_encoder
 
     torch.set_num_threads(1)
     return build_sam("tiny", None, device="cpu"), build_text_encoder("tiny-clip", None, device="cpu")

@@ -33,7 +33,7 @@ def test_import_linter_contracts_are_kept(capsys) -> None:
 
 @pytest.fixture(scope="module")
 def graph() -> grimp.ImportGraph:
-    return grimp.build_graph("llavaseg")
+    return grimp.build_graph("llavaseg", cache_dir=None)
 
 
 def test_every_module_belongs_to_a_layer(graph) -> None:

@@ -20,7 +20,8 @@ from llavaseg.bench.overlays import (
     grid_size,
     write_grid,
 )
-from llavaseg.bench.runner import check_preset_files, make_batches
+from llavaseg.bench.runner import check_preset_files
+from llavaseg.bench.scoring import make_batches
 from llavaseg.errors import InputError
 from llavaseg.models.presets import Preset
 
@@ -111,7 +112,8 @@ def test_overlay_grid_layout(tmp_path):
 
 def test_missing_shipped_weights_suggest_the_tiny_preset():
     preset = Preset(name="shipped", description="x", mllm="pkg:weights/tinyworld/definitely-missing",
-                    sam_type="tiny")
+                    sam="random:tiny", clip="random:tiny-clip")
     with pytest.raises(InputError, match=r"shipped weights missing.*--preset tiny"):
         check_preset_files(preset)
-    check_preset_files(Preset(name="tiny", description="x", mllm="random:tiny", sam_type="tiny"))
+    check_preset_files(Preset(name="tiny", description="x", mllm="random:tiny", sam="random:tiny",
+                              clip="random:tiny-clip"))

@@ -130,7 +130,7 @@ def test_identity_mismatch_is_refused_or_namespaced(world, models, tmp_path) -> 
     other_prompts = cache_identity(sam, text_encoder, max_text_tokens=8, mllm=ScriptedMLLM(), prompts=PromptSet.load())
     with pytest.raises(CheckpointMismatchError, match="stage_source, mllm, prompts"):
         FeatureCache(tmp_path / "c", other_prompts)
-    from llavaseg.models.presets import build_text_encoder
+    from llavaseg.models.components import build_text_encoder
 
     other_encoder = build_text_encoder("tiny-clip", None, device="cpu")
     other_encoder.model.token_embedding.weight.data.add_(0.01)  # a different (fine-tuned) text tower

@@ -7,7 +7,8 @@ import torch
 
 from llavaseg.method.segment import adapter_mask_logits, encode_phrases, text_phrases
 from llavaseg.method.stages import run_stages
-from llavaseg.models.presets import PRESETS, build_components
+from llavaseg.models.components import build_components
+from llavaseg.models.presets import PRESETS
 from llavaseg.prompting import PromptSet
 from llavaseg.train import mask_loss
 
@@ -28,7 +29,7 @@ def _tiny_world_batch():
 
 def test_one_step_updates_adapters_only() -> None:
     torch.set_num_threads(1)
-    parts = build_components(PRESETS["tiny"])
+    parts = build_components(PRESETS["tiny"], allow_untrained=True)
     frozen = {"mllm": parts.mllm.model, "sam": parts.sam.sam, "text_encoder": parts.text_encoder.model}
     before = {name: {k: p.detach().clone() for k, p in module.named_parameters()} for name, module in frozen.items()}
     adapters_before = {k: p.detach().clone() for k, p in parts.adapters.named_parameters()}

@@ -12,7 +12,7 @@ from llavaseg.cli.main import main as cli_main
 from llavaseg.errors import CheckpointMismatchError, InputError, LlavasegError
 from llavaseg.images import load_image
 from llavaseg.models.adapters import load_adapters, save_adapters
-from llavaseg.models.presets import new_adapters
+from llavaseg.models.components import new_adapters
 from llavaseg.models.sam import FrozenSAM
 
 

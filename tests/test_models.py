@@ -11,7 +11,8 @@ import torch
 from llavaseg.errors import CheckpointMismatchError
 from llavaseg.models.adapters import load_adapters, save_adapters
 from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.models.presets import new_adapters, tiny_vocabulary
+from llavaseg.models.components import new_adapters
+from llavaseg.models.tiny_llava import tiny_vocabulary
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.models.tiny_llava import TinyLlavaSpec, build_tiny_llava
 

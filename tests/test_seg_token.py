@@ -13,7 +13,7 @@ from llavaseg.errors import CheckpointMismatchError, UnsupportedError
 from llavaseg.losses import lisa_dice_loss as dice_loss
 from llavaseg.losses import mask_losses, sigmoid_ce_loss
 from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.models.presets import build_mllm, build_sam
+from llavaseg.models.components import build_mllm, build_sam
 from llavaseg.seg_token.checkpoint import (
     CONFIG_NAME,
     load_seg_token_model,
@@ -272,13 +272,14 @@ def test_load_refuses_other_models(base, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ route
 def test_route_returns_segmentation_results_at_image_size(base, model):
-    from llavaseg.models.presets import Components
+    from llavaseg.models.components import Components
     from llavaseg.prompting import PromptSet
     from llavaseg.results import SegmentationResult
     from llavaseg.routes.registry import RouteContext, build_route
 
     mllm, sam = base
-    context = RouteContext(Components(mllm, sam, None, None), PromptSet.load(), options={"max_new_tokens": 4})
+    context = RouteContext(Components(mllm, sam, None, None, untrained=("seg_token",)), PromptSet.load(),
+                           options={"max_new_tokens": 4})
     route = build_route("seg-token", context)
     images = [_image(8, (100, 150)), _image(9)]
     results = route(images, ["the red circle", "the circle that has the same colour as the square"])
@@ -287,7 +288,8 @@ def test_route_returns_segmentation_results_at_image_size(base, model):
     assert results[0].route == "seg-token" and results[0].raw_outputs["protocol"] == "generate"
     assert "[SEG]" not in results[0].description and isinstance(results[0].answer, str)
     assert results[1].prompts["segment"].endswith("Please output segmentation mask. ASSISTANT:")
-    forced = build_route("seg-token", RouteContext(Components(mllm, sam, None, None), PromptSet.load(),
+    forced = build_route("seg-token", RouteContext(Components(mllm, sam, None, None, untrained=("seg_token",)),
+                                                   PromptSet.load(),
                                                    options={"teacher_forced": True}))
     tf = forced(images, ["the red circle", "the blue square"])
     assert [r.raw_outputs["seg_count"] for r in tf] == ["1", "1"] and tf[0].mask.shape == (100, 150)

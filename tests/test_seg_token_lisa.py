@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from llavaseg.errors import CheckpointMismatchError
-from llavaseg.models.presets import build_sam
+from llavaseg.models.components import build_sam
 from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.lisa_checkpoint import load_lisa_checkpoint, map_lisa_state_dict
 from llavaseg.seg_token.model import text_hidden_fcs

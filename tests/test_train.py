@@ -191,7 +191,7 @@ def test_validation_accepts_any_dataset_kind(world, frozen, tmp_path) -> None:
     """A JSONL validation set (not only ReasonSeg), read through the same data set registry as the benchmark."""
     from llavaseg.data.reasonseg import ReasonSegDataset
     from llavaseg.data.registry import DataSource
-    from llavaseg.models.presets import build_mllm
+    from llavaseg.models.components import build_mllm
     from llavaseg.prompting import PromptSet
 
     lines = []

@@ -19,6 +19,7 @@ from rich.table import Table
 from llavaseg.bench.dialogue import DialogueMetrics
 from llavaseg.bench.jsonl import write_atomic
 from llavaseg.evaluate import SplitMetrics
+from llavaseg.provenance import Provenance
 
 __all__ = ["Environment", "RouteSummary", "BenchResults", "write_results", "render_table", "make_console",
            "CSV_DIALOGUE_FIELDS"]
@@ -44,6 +45,7 @@ class Environment(BaseModel):
     prompts: str = ""
     dialogue: str | None = None
     extra: dict[str, str] = {}
+    provenance: Provenance | None = None
 
 
 class RouteSummary(BaseModel):
@@ -58,6 +60,8 @@ class RouteSummary(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     route: str
+    summary: str = ""
+    untrained: list[str] = []
     metrics: dict[str, SplitMetrics]
     n_queries: int
     n_errors: int
@@ -92,7 +96,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def csv_text(results: BenchResults) -> str:
     """One row per route: split metrics, cost, dialogue columns."""
     keys = results.metric_keys()
-    header = ["route", "n_queries", "n_errors"]
+    header = ["route", "untrained", "n_queries", "n_errors"]
     for key in keys:
         header += [f"{key}_giou", f"{key}_ciou", f"{key}_n"]
     header += ["seconds_per_query", "peak_rss_mb", "cuda_peak_mb", "dialogue_n"]
@@ -101,7 +105,7 @@ def csv_text(results: BenchResults) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for name, summary in results.routes.items():
-        row: list[object] = [name, summary.n_queries, summary.n_errors]
+        row: list[object] = [name, ";".join(summary.untrained), summary.n_queries, summary.n_errors]
         for key in keys:
             metric = summary.metrics.get(key)
             row += [metric.giou, metric.ciou, metric.n_queries] if metric else ["", "", 0]
@@ -142,7 +146,7 @@ def render_table(results: BenchResults, console: Console | None = None) -> None:
     for title in ("s/query", "peak RSS\nMB", "CUDA peak\nMB", "queries", "errors"):
         table.add_column(title, justify="right")
     for name, summary in results.routes.items():
-        cells = [name]
+        cells = [f"{name} [red](untrained: {', '.join(summary.untrained)})[/red]" if summary.untrained else name]
         for key in keys:
             metric = summary.metrics.get(key)
             cells += [_fmt(metric.giou if metric else None), _fmt(metric.ciou if metric else None)]
@@ -150,6 +154,9 @@ def render_table(results: BenchResults, console: Console | None = None) -> None:
                   str(summary.n_queries), str(summary.n_errors)]
         table.add_row(*cells)
     console.print(table)
+    provenance = results.environment.provenance
+    for notice in provenance.notices if provenance else []:
+        console.print(f"[yellow]note: {notice}[/yellow]")
     if results.base_dialogue is None:
         return
     dialogue = Table(title="dialogue preservation (greedy answers to held-out questions)",

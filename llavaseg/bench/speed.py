@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.models.presets import new_adapters
+from llavaseg.models.components import new_adapters
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.models.text_encoder import FrozenTextEncoder
 from llavaseg.models.tiny_llava import TinyLlavaSpec, build_tiny_llava
@@ -82,7 +82,7 @@ def _scenes(count: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
 def llava_shaped_mllm() -> FrozenMLLM:
     """A random LLaVA-1.5-*shaped* model (336 px / patch 14 = 576 image tokens, narrow layers) for timing
     stage reuse where the prompt is as long as a real one; its answers are meaningless."""
-    from llavaseg.models.presets import tiny_vocabulary
+    from llavaseg.models.tiny_llava import tiny_vocabulary
 
     spec = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4,
                          text_hidden=256, text_layers=4, text_heads=4, text_intermediate=512, max_positions=1024)

@@ -19,29 +19,30 @@ import sys
 from pathlib import Path
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.cli.common import add_device_argument, check_device
+from llavaseg.cli.common import (add_component_arguments, add_device_argument, add_version_argument, check_device,
+                                 components_from_args)
 from llavaseg.errors import InputError, run_guarded
 
 PROG = "llavaseg-bench"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--routes", help="comma-separated routes (default: llavaseg, llavaseg-noattr and every "
-                                         "other registered route that can be built for the preset)")
-    parser.add_argument("--preset", default="tiny-world", help="model preset (default tiny-world; 'tiny' = random "
-                                                               "weights for plumbing checks)")
+    parser.add_argument("--routes", help="comma-separated routes (default: every registered route whose trained "
+                                         "parts the components have)")
     parser.add_argument("--limit", type=int, help="score only the first N queries (dialogue: first N images)")
     parser.add_argument("--out", type=Path, help="results folder (re-use it to resume)")
     parser.add_argument("--batch-size", type=int, default=8, help="queries per route call (default 8)")
     parser.add_argument("--prompts", type=Path, help="folder with your own prompt templates")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_device_argument(parser)
+    add_component_arguments(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run `llavaseg-bench <command> --help` for a command's options.")
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{reasonseg,refcoco,speed}")
     reason = commands.add_parser("reasonseg", help="ReasonSeg-format data (default: the embedded tiny world)")
     reason.add_argument("--data", type=Path, help="ReasonSeg root (default: the tiny world, generated once)")
@@ -70,25 +71,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate_common(args: argparse.Namespace) -> list[str] | None:
+    """Check every flag (components included) before generating data or loading anything."""
     from llavaseg.bench.runner import check_preset_files
-    from llavaseg.models.presets import PRESETS
-    from llavaseg.routes.registry import ROUTES
+    from llavaseg.models.components import check_spec
+    from llavaseg.routes.registry import check_route_names, route_needs
 
-    if args.preset not in PRESETS:
-        raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")
-    check_preset_files(PRESETS[args.preset])  # before generating data or loading anything
+    choice = components_from_args(args)
+    check_preset_files(choice.spec, args.preset)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     routes = None
     if args.routes is not None:
-        routes = [name.strip() for name in args.routes.split(",") if name.strip()]
+        routes = check_route_names([name.strip() for name in args.routes.split(",") if name.strip()])
         if not routes:
             raise InputError("--routes is empty")
-        for name in routes:
-            if name not in ROUTES:
-                raise InputError(f"unknown route {name!r}; available: {', '.join(ROUTES)}")
+    check_spec(choice.spec, needs=route_needs(routes) if routes else None, allow_untrained=choice.allow_untrained)
     if args.prompts is not None and not args.prompts.is_dir():
         raise InputError(f"prompt folder {args.prompts} does not exist")
     args.device = check_device(args.device)
@@ -96,11 +95,24 @@ def _validate_common(args: argparse.Namespace) -> list[str] | None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+    args.choice = choice
     return routes
 
 
+def _run(settings, queries, **kwargs) -> int:
+    from llavaseg.bench.report import make_console, render_table
+    from llavaseg.bench.runner import run_benchmark
+
+    results = run_benchmark(settings, queries, **kwargs)
+    console = make_console()
+    render_table(results, console)
+    console.print(f"wrote results.json, results.csv, overlays.png and per-query queries-<route>.jsonl in "
+                  f"{settings.out_dir}")
+    return 0
+
+
 def _reasonseg(args: argparse.Namespace) -> int:
-    from llavaseg.bench.runner import BenchSettings, run_benchmark
+    from llavaseg.bench.runner import BenchSettings
     from llavaseg.data.annotations import DIALOGUE_FILE
     from llavaseg.data.registry import DataSource, open_dataset
     from llavaseg.tinyworld.generate import default_tiny_world_source
@@ -127,16 +139,16 @@ def _reasonseg(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         benchmark="reasonseg", preset=args.preset,
         out_dir=args.out or Path("runs") / f"reasonseg-{args.preset}-{args.split}",
-        data=str(Path(data).resolve()), split=args.split, routes=routes, device=args.device,
+        data=str(Path(data).resolve()), split=args.split, routes=routes, spec=args.choice.spec,
+        allow_untrained=args.choice.allow_untrained, device=args.device,
         batch_size=args.batch_size, limit=args.limit, prompts_dir=args.prompts,
         first_text_only=args.first_text_only, dialogue=dialogue,
     )
-    run_benchmark(settings, queries)
-    return 0
+    return _run(settings, queries)
 
 
 def _refcoco(args: argparse.Namespace) -> int:
-    from llavaseg.bench.runner import BenchSettings, run_benchmark
+    from llavaseg.bench.runner import BenchSettings
     from llavaseg.data.registry import DataSource, open_dataset
 
     routes = _validate_common(args)
@@ -158,13 +170,12 @@ def _refcoco(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"refcoco-{args.dataset}-{args.split_by}-{'_'.join(splits)}-{args.preset}"
     settings = BenchSettings(
         benchmark="refcoco", preset=args.preset, out_dir=out, data=str(args.data.resolve()), split=split_label,
-        routes=routes, device=args.device, batch_size=args.batch_size, limit=args.limit, prompts_dir=args.prompts,
+        routes=routes, spec=args.choice.spec, allow_untrained=args.choice.allow_untrained, device=args.device, batch_size=args.batch_size, limit=args.limit, prompts_dir=args.prompts,
         dialogue=args.dialogue,
         extra={"dataset": args.dataset, "split_by": args.split_by,
                "image_dir": str(args.image_dir.resolve()) if args.image_dir else ""},
     )
-    run_benchmark(settings, queries, groups=groups)
-    return 0
+    return _run(settings, queries, groups=groups)
 
 
 def _speed(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from llavaseg.cli.common import add_version_argument
 from llavaseg.errors import LlavasegError
 
 # flag -> TrainConfig field, for the simple scalar options (None default = keep the config's value)
@@ -56,6 +57,7 @@ _SCALARS: dict[str, tuple[type, str]] = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavaseg-train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_version_argument(parser)
     parser.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
     for field, (kind, help_text) in _SCALARS.items():
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=help_text)
@@ -66,7 +68,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (with a checkpoint) after N steps of this invocation; rerun to resume")
+    group = parser.add_argument_group("components", "the frozen models (each replaces the preset's source)")
+    group.add_argument("--pipeline", help="take the frozen models (and, with --adapters unset, the adapters to start "
+                                          "from) from a Segmenter.save_pretrained folder")
+    group.add_argument("--mllm", help="MLLM: a Hugging Face id or a local save_pretrained folder")
+    group.add_argument("--sam", help="SAM: a segment_anything checkpoint (.pth/.safetensors)")
+    group.add_argument("--clip", help="text encoder: open_clip NAME, NAME:TAG, NAME:FILE or local-dir:DIR")
+    group.add_argument("--adapters", type=Path, help="start from these trained adapters (fine-tuning)")
+    group.add_argument("--prompts", type=Path, help="prompt templates folder (for stage_source mllm)")
     return parser
+
+
+def _components(args: argparse.Namespace, preset: str):
+    from llavaseg.models.presets import get_preset
+
+    if args.pipeline:
+        from llavaseg.pipeline import read_pipeline
+
+        _, spec = read_pipeline(Path(args.pipeline).expanduser())
+        if args.adapters is None and spec.adapters is not None:
+            args.adapters = Path(spec.adapters)
+    else:
+        spec = get_preset(preset).spec()
+    return spec.with_sources(mllm=args.mllm, sam=args.sam, clip=args.clip).model_copy(update={"adapters": None,
+                                                                                          "seg_token": None})
 
 
 def build_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821 - imported lazily
@@ -86,6 +111,12 @@ def build_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821 - imp
         value = getattr(args, field)
         if value is not None:
             values[field] = value
+    if any(getattr(args, name) for name in ("pipeline", "mllm", "sam", "clip")):
+        values["components"] = _components(args, values.get("preset", "tiny-world")).model_dump(mode="json")
+    if args.adapters is not None:
+        values["init_adapters"] = args.adapters
+    if args.prompts is not None:
+        values["prompts_dir"] = args.prompts
     if isinstance(values.get("val_split"), str) and values["val_split"].lower() == "none":
         values["val_split"] = None
     return TrainConfig.model_validate(values)

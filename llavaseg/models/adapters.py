@@ -12,6 +12,7 @@ This is a reconstruction ("LLaVASeg-style"): the paper's exact adapter design is
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -135,6 +136,14 @@ class MultiScaleAdapters(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def fingerprint(self) -> str:
+        """Hash of every weight's bytes (results record which adapters produced them)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for key, tensor in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 

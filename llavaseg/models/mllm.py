@@ -14,9 +14,12 @@ instead of re-encoding the image and prompt (``reuse_cache``), with identical re
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +47,20 @@ def _bitsandbytes_config(quantization: Quantization, compute_dtype: torch.dtype)
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+@lru_cache(maxsize=1)
+def _cache_kwarg() -> str:
+    """The name ``generate`` takes a KV cache by: ``cache`` where transformers renamed ``past_key_values``
+    (the old name then warns on every call), ``past_key_values`` before."""
+    from transformers.generation.utils import GenerationMixin
+
+    try:
+        source = inspect.getsource(GenerationMixin.generate)
+    except (OSError, TypeError):  # pragma: no cover - no sources installed
+        return "past_key_values"
+    return "cache" if re.search(r"deprecate_kwarg\(\s*[\"']past_key_values[\"'][^)]*new_name=[\"']cache", source) \
+        else "past_key_values"
 
 
 class Turn(BaseModel):
@@ -127,14 +144,21 @@ class FrozenMLLM:
         return next(self.model.parameters()).device
 
     def identity(self) -> dict[str, str]:
-        """What determines this model's outputs: used in cache keys and recorded with trained adapters."""
+        """What determines this model's outputs: used in cache keys and recorded with trained adapters.
+
+        Computed once (the model is frozen) from the config and the first values of a few tensors."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = self._compute_identity()
+        return dict(self._identity)
+
+    def _compute_identity(self) -> dict[str, str]:
         config = self.model.config.to_dict()
         for where in (config, *(v for v in config.values() if isinstance(v, dict))):
             where.pop("_name_or_path", None)  # the load path, not a property of the model
         blob = json.dumps(config, sort_keys=True, default=str).encode()
         weights = hashlib.blake2b(digest_size=8)
         for _, tensor in sorted(self.model.state_dict().items())[:4]:
-            weights.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            weights.update(tensor.detach().flatten()[:1024].float().cpu().numpy().tobytes())  # first 4096 bytes
         # A local directory is named by its last component: moving a checkout must not invalidate caches.
         name = Path(self.name).name if Path(self.name).is_dir() else self.name
         return {"name": name, "config": hashlib.blake2b(blob, digest_size=8).hexdigest(),
@@ -172,7 +196,7 @@ class FrozenMLLM:
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
         if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+            kwargs[_cache_kwarg()] = past_key_values
         if image_features is not None:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -23,7 +23,7 @@ from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.images import image_digest
 from llavaseg.models.common import freeze, state_dict_mismatch
-from llavaseg.models.sam_spec import SAM_SPECS, SamSpec, build_sam_from_spec
+from llavaseg.models.sam_spec import SAM_SPECS, SamSpec, build_sam_from_spec, infer_sam_spec
 
 
 @dataclass
@@ -76,8 +76,9 @@ def load_sam_features(path: str | Path, device: str = "cpu") -> SamImageFeatures
     return SamImageFeatures(embedding, levels, tuple(meta["input_size"]), tuple(meta["original_size"]))
 
 
-def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec) -> None:
-    """Load an upstream ``.pth`` (``weights_only=True``) or a ``.safetensors`` file, refusing other models."""
+def read_sam_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an upstream ``.pth`` (``torch.load(weights_only=True)``, memory-mapped) or a
+    ``.safetensors`` file; a ``{"model": state}`` wrapper is unwrapped. No pickle ever runs code."""
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointMismatchError(f"SAM checkpoint not found: {path}")
@@ -87,11 +88,21 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec) -> None
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable / truncated / pickled code objects
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # unreadable / truncated / refused pickled objects
         raise CheckpointMismatchError(f"cannot read SAM checkpoint {path}: {type(exc).__name__}") from None
-    if not isinstance(state, dict):
-        raise CheckpointMismatchError(f"SAM checkpoint {path} does not hold a state dict")
+    if isinstance(state, dict) and set(state) <= {"model", "state_dict"} and len(state) == 1:
+        state = next(iter(state.values()))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"SAM checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a checkpoint (or its already-read ``state``) into ``sam``, refusing one of another model."""
+    path = Path(checkpoint)
+    state = state if state is not None else read_sam_state(path)
     expected = sam.state_dict()
     problem = state_dict_mismatch(expected, state)
     if problem:
@@ -143,6 +154,21 @@ class FrozenSAM:
         name = spec.name + (f"@{Path(checkpoint).name}" if checkpoint is not None else f"@random{seed}")
         return cls(sam.to(device), spec, name=name, cache_size=cache_size, disk_cache=disk_cache,
                    half_encoder=half_encoder)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, *, device: str = "cpu", cache_size: int = 32,
+                        disk_cache: str | Path | None = None, half_encoder: bool | None = None) -> FrozenSAM:
+        """Load a segment_anything checkpoint whose architecture (ViT-B/L/H or a tiny spec) is read from its
+        tensors: no model type to pass, and a checkpoint never meets a randomly built model of another size."""
+        state = read_sam_state(checkpoint)
+        try:
+            spec = infer_sam_spec({key: tuple(value.shape) for key, value in state.items()}, where=str(checkpoint))
+        except ValueError as exc:
+            raise CheckpointMismatchError(str(exc)) from None
+        sam = build_sam_from_spec(spec)
+        load_sam_checkpoint(sam, checkpoint, spec, state)
+        return cls(sam.to(device), spec, name=f"{spec.name}@{Path(checkpoint).name}", cache_size=cache_size,
+                   disk_cache=disk_cache, half_encoder=half_encoder)
 
     # ------------------------------------------------------------------------------------------------ facts
     @property

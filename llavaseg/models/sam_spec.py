@@ -3,22 +3,19 @@
 Upstream ``build_sam.py`` hard-codes ``image_size=1024``, ``patch_size=16`` and ``prompt_embed_dim=256``, so it
 can only build the three published variants. The same ``Sam``/``ImageEncoderViT``/``PromptEncoder``/
 ``MaskDecoder`` classes build a small model just as well when those numbers are parameters; the specs below
-make them explicit (open_clip-style: a registry of named, plain-data configs).
+make them explicit (open_clip-style: a registry of named, plain-data configs). The specs are plain data (this
+module imports neither torch nor segment_anything until a model is built), so sources can be checked cheaply.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from segment_anything.modeling import Sam
 
 
 class SamSpec(BaseModel):
@@ -78,6 +75,9 @@ SAM_SPECS: dict[str, SamSpec] = {
 
 def build_sam_from_spec(spec: SamSpec) -> Sam:
     """Build an (untrained) ``Sam`` with segment_anything's own modules, following upstream ``_build_sam``."""
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
     grid = spec.embedding_size
     sam = Sam(
         image_encoder=ImageEncoderViT(
@@ -116,3 +116,50 @@ def build_sam_from_spec(spec: SamSpec) -> Sam:
         pixel_std=[58.395, 57.12, 57.375],
     )
     return sam.eval()
+
+
+# ---------------------------------------------------------------------------------- from a checkpoint's tensors
+def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
+    return len({key[len(prefix):].split(".", 1)[0] for key in shapes if key.startswith(prefix)})
+
+
+def spec_fields_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
+    """Every :class:`SamSpec` number that a segment_anything state dict's tensor shapes determine.
+
+    (Only the decoder's number of attention heads is invisible in the shapes; it is taken from the matching
+    known spec.) Raises ``KeyError`` when a tensor of segment_anything's layout is missing.
+    """
+    embed, _, patch, _ = shapes["image_encoder.patch_embed.proj.weight"]
+    grid = shapes["image_encoder.pos_embed"][1]
+    depth = _count(shapes, "image_encoder.blocks.")
+    rel = [shapes[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
+    global_blocks = tuple(i for i, shape in enumerate(rel) if shape[0] == 2 * grid - 1)
+    windowed = [shape[0] for i, shape in enumerate(rel) if i not in global_blocks]
+    return {
+        "encoder_embed_dim": embed, "encoder_depth": depth, "encoder_num_heads": embed // rel[0][1],
+        "encoder_global_attn_indexes": global_blocks, "image_size": grid * patch, "patch_size": patch,
+        "window_size": (windowed[0] + 1) // 2 if windowed else 14,
+        "prompt_embed_dim": shapes["image_encoder.neck.0.weight"][0],
+        "decoder_mlp_dim": shapes["mask_decoder.transformer.layers.0.mlp.lin1.weight"][0],
+        "decoder_depth": _count(shapes, "mask_decoder.transformer.layers."),
+        "iou_head_hidden_dim": shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
+        "mask_in_chans": shapes["prompt_encoder.mask_downscaling.3.weight"][0],
+    }
+
+
+def infer_sam_spec(shapes: dict[str, tuple[int, ...]], where: str = "checkpoint") -> SamSpec:
+    """The registered spec whose architecture these tensors have (``vit_b``/``vit_l``/``vit_h``, the tiny ones).
+
+    Raises ``ValueError`` naming the architecture when the tensors are not segment_anything's layout or match
+    no registered spec (a new variant needs its :class:`SamSpec` added, heads included).
+    """
+    try:
+        fields = spec_fields_from_shapes(shapes)
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{where} does not hold a segment_anything SAM state dict (e.g. no "
+                         "image_encoder.patch_embed.proj.weight)") from None
+    for spec in SAM_SPECS.values():
+        if all(getattr(spec, name) == value for name, value in fields.items()):
+            return spec
+    raise ValueError(f"{where} is a SAM of an unregistered architecture (encoder width {fields['encoder_embed_dim']}, "
+                     f"depth {fields['encoder_depth']}, {fields['image_size']} px); add its SamSpec to SAM_SPECS")

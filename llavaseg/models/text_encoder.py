@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +25,26 @@ _CONFIG_DIR = Path(__file__).with_name("clip_configs")
 open_clip.add_model_config(_CONFIG_DIR)
 
 
-@contextmanager
-def _quiet(active: bool):
-    logger = logging.getLogger()
-    level = logger.level
-    if active:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def _tag_wants_quick_gelu(model_name: str, pretrained: str | Path | None) -> bool:
+    """Whether open_clip's pretrained config says the tag was trained with QuickGELU (OpenAI's CLIP weights are)
+    while the model config does not use it: then the model must be built with it, or every output is off."""
+    if pretrained is None or Path(str(pretrained)).suffix or str(model_name).startswith(("local-dir:", "hf-hub:")):
+        return False
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained)) or {}
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    return bool(tag_cfg.get("quick_gelu")) and not model_cfg.get("quick_gelu")
 
 
 class FrozenTextEncoder:
     """Frozen open_clip model; ``encode_text`` gives one L2-normalised vector per string."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, preprocess=None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, preprocess=None,
+                 quick_gelu: bool = False) -> None:
         self.model = freeze(model)
         self.tokenizer = tokenizer
         self.name = name
         self.preprocess = preprocess
+        self.quick_gelu = quick_gelu
         self._cache: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -61,19 +59,22 @@ class FrozenTextEncoder:
             raise CheckpointMismatchError(f"open_clip weights file not found: {pretrained}")
         if pretrained is None and not str(model_name).startswith("local-dir:"):
             torch.manual_seed(seed)
+        quick_gelu = _tag_wants_quick_gelu(model_name, pretrained)
         try:
-            # open_clip logs a warning for every model built without weights; here that is deliberate.
-            with _quiet(pretrained is None):
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
-        except RuntimeError as exc:  # state-dict mismatch: weights for another architecture
-            first = str(exc).strip().splitlines()[0]
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device,
+                force_quick_gelu=quick_gelu)
+        except RuntimeError as exc:  # a failed download, or a state-dict mismatch (weights of another model)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "download" in first.lower():
+                raise UnsupportedError(f"cannot fetch open_clip weights {model_name}:{pretrained} (not cached, no "
+                                       f"network?); pass {model_name}:FILE with a local weights file") from None
             raise CheckpointMismatchError(f"open_clip weights {pretrained} do not fit {model_name}: {first}") from None
         except (FileNotFoundError, ValueError) as exc:
             raise UnsupportedError(f"cannot build open_clip model {model_name!r}: {exc}") from None
         tokenizer = open_clip.get_tokenizer(model_name)
         return cls(model, tokenizer, name=str(model_name) + (f"@{Path(str(pretrained)).name}" if pretrained else ""),
-                   preprocess=preprocess)
+                   preprocess=preprocess, quick_gelu=quick_gelu)
 
     @property
     def device(self) -> torch.device:
@@ -90,16 +91,25 @@ class FrozenTextEncoder:
         return int(self.model.encode_text(self.tokenizer(["x"]).to(self.device)).shape[-1])
 
     def identity(self) -> dict[str, str]:
-        """Name plus a fingerprint of the weights: adapters and caches record it."""
+        """Name plus a fingerprint of the weights (computed once: the model is frozen); adapters and caches
+        record it."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = self._compute_identity()
+        return dict(self._identity)
+
+    def _compute_identity(self) -> dict[str, str]:
         digest = hashlib.blake2b(digest_size=8)
         for key, tensor in sorted(self.model.state_dict().items()):
             if "text" in key or "token_embedding" in key or "positional" in key:
                 digest.update(key.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes()[:2048])
+                digest.update(tensor.detach().flatten()[:512].float().cpu().numpy().tobytes())  # first 2048 bytes
         name = self.name.split("@")[0]
         if name.startswith("local-dir:"):  # where a model directory lives must not change who it is
             name = "local-dir:" + Path(name[len("local-dir:"):]).name
-        return {"name": name, "weights": digest.hexdigest()}
+        identity = {"name": name, "weights": digest.hexdigest()}
+        if self.quick_gelu:  # same weights, other activation: other outputs
+            identity["activation"] = "quick_gelu"
+        return identity
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -154,3 +154,12 @@ def build_tiny_llava(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.eval(), processor
+
+
+def tiny_vocabulary() -> list[str]:
+    """Words of the tiny world and of the shipped prompt templates (the random tiny MLLM's vocabulary)."""
+    from llavaseg.prompting import PromptSet
+    from llavaseg.tinyworld.vocab import VOCAB
+
+    prompts = PromptSet.load()
+    return [*VOCAB, *" ".join(t.text for t in prompts.templates.values()).replace("{", " ").replace("}", " ").split()]

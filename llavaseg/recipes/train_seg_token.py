@@ -38,7 +38,8 @@ from llavaseg.errors import InputError
 from llavaseg.evaluate import MetricAccumulator
 from llavaseg.images import load_image
 from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.models.presets import PRESETS, build_mllm, build_sam
+from llavaseg.models.components import build_mllm, build_sam
+from llavaseg.models.presets import get_preset
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
 from llavaseg.paths import TINY_WORLD_WEIGHTS, cache_dir
 from llavaseg.provenance import machine
@@ -231,11 +232,9 @@ def dialogue_scores(base: FrozenMLLM, tuned: FrozenMLLM, root: Path, split: str,
 # ---------------------------------------------------------------------------------------------- training
 def build_base(preset_name: str) -> tuple[FrozenMLLM, FrozenSAM]:
     """The preset's frozen MLLM and SAM (the text encoder and adapters are not needed here)."""
-    if preset_name not in PRESETS:
-        raise InputError(f"unknown preset {preset_name!r}")
-    preset = PRESETS[preset_name]
+    preset = get_preset(preset_name)
     mllm = build_mllm(preset.mllm, device="cpu", dtype=None, quantization=None)
-    sam = build_sam(preset.sam_type, preset.sam_checkpoint, device="cpu")
+    sam = build_sam(preset.sam, device="cpu")
     return mllm, sam
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # pragma: no cover - the registry is imported before any model (flags are checked first)
+    import numpy as np
 
-from llavaseg.models.mllm import FrozenMLLM
-from llavaseg.results import SegmentationResult
+    from llavaseg.models.mllm import FrozenMLLM
+    from llavaseg.results import SegmentationResult
 
 __all__ = ["Route"]
 

@@ -7,10 +7,12 @@ the shared, frozen SAM image encoder). See :mod:`llavaseg.seg_token` for the mec
 Route options (``RouteContext.options`` / ``Segmenter.with_route("seg-token", **options)``):
 
 * ``seg_token_model``: a directory saved by :func:`~llavaseg.seg_token.checkpoint.save_seg_token_model`
-  (default: the preset's ``seg_token_model``, e.g. the shipped tiny-world model). Presets without one (``tiny``)
-  get an untrained model (LoRA at init, random projection): plumbing only, masks are noise.
+  (default: the components' ``seg_token`` source, ``--seg-token DIR``; the tiny-world preset ships one). Without
+  one the route refuses, unless untrained parts are allowed (``tiny`` preset, ``--allow-untrained``): then an
+  untrained model (LoRA at init, random projection) runs, for plumbing only, and results say so.
 * ``lisa_checkpoint`` + ``vision_tower``: a published LISA checkpoint directory and the local CLIP vision tower
-  it was trained with (see :mod:`llavaseg.seg_token.lisa_checkpoint`).
+  it was trained with (see :mod:`llavaseg.seg_token.lisa_checkpoint`); a LISA folder given as ``--seg-token`` is
+  recognised by its ``config.json`` (``out_dim``) and needs ``--vision-tower``.
 * ``teacher_forced`` (bool, default False): LISA's ``validate()`` protocol (assistant turn pre-filled with
   ``"[SEG]."``) instead of greedy generation. Both are documented in :mod:`llavaseg.seg_token.inference`.
 * ``query_style``: ``auto`` (default; guess phrase vs. sentence), ``short`` or ``long`` LISA template.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llavaseg.errors import InputError, UnsupportedError
+from llavaseg.errors import InputError, UnsupportedError, UntrainedError
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sources import parse_source
 from llavaseg.results import SegmentationResult
@@ -91,25 +93,28 @@ def _flag(value: object) -> bool:
     return bool(value)
 
 
+def _is_lisa_release(path: Path) -> bool:
+    config = path / "config.json"
+    return not (path / "seg_token.json").is_file() and config.is_file() and '"out_dim"' in config.read_text()
+
+
 def resolve_model(context) -> SegTokenModel:
-    """The route's ``[SEG]`` model: LISA checkpoint option, else model-dir option, else the preset's, else an
-    untrained one (``tiny`` preset)."""
+    """The route's ``[SEG]`` model: the ``lisa_checkpoint``/``seg_token_model`` option, else the components'
+    ``seg_token`` source (ours, or a LISA release folder with its ``vision_tower``), else an untrained one when
+    untrained parts are allowed."""
     from llavaseg.seg_token.checkpoint import load_seg_token_model
     from llavaseg.seg_token.model import create_seg_token_model
 
     parts = context.components
     options = context.options
-    if options.get("lisa_checkpoint") is not None:
-        from llavaseg.seg_token.lisa_checkpoint import load_lisa_checkpoint
-
-        if options.get("vision_tower") is None:
-            raise InputError("lisa_checkpoint needs vision_tower=DIR (LISA checkpoints do not include CLIP)")
-        return load_lisa_checkpoint(Path(str(options["lisa_checkpoint"])), Path(str(options["vision_tower"])),
-                                    parts.sam)
-    source = options.get("seg_token_model")
-    if source is None and context.preset is not None:
-        source = context.preset.seg_token_model
+    spec = parts.spec
+    source = options.get("lisa_checkpoint") or options.get("seg_token_model") or parts.seg_token_source
+    vision_tower = options.get("vision_tower") or (spec.vision_tower if spec is not None else None)
     if source is None:
+        if "seg_token" not in parts.untrained:
+            raise UntrainedError("route seg-token needs a trained [SEG] model and none was given; train one with "
+                                 "python -m llavaseg.recipes.train_seg_token (then --seg-token DIR), pass a LISA "
+                                 "release folder, or allow untrained parts for a plumbing run")
         return create_seg_token_model(parts.mllm, parts.sam)
     parsed = parse_source(str(source))
     path = parsed.path()
@@ -118,6 +123,12 @@ def resolve_model(context) -> SegTokenModel:
             raise UnsupportedError(f"the shipped [SEG] model {source} is missing from this install ({path}); "
                                    "train it with python -m llavaseg.recipes.train_seg_token")
         raise InputError(f"[SEG] model directory not found: {path}")
+    if options.get("lisa_checkpoint") is not None or _is_lisa_release(path):
+        from llavaseg.seg_token.lisa_checkpoint import load_lisa_checkpoint
+
+        if vision_tower is None:
+            raise InputError("a LISA checkpoint needs vision_tower=DIR (LISA checkpoints do not include CLIP)")
+        return load_lisa_checkpoint(path, Path(str(vision_tower)), parts.sam)
     return load_seg_token_model(path, parts.mllm, parts.sam)
 
 

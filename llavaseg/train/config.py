@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llavaseg.data.registry import DataSource
+from llavaseg.models.components import ComponentSpec
 
 __all__ = ["DataSource", "TrainConfig", "ValPoint", "LossPoint", "TrainResult", "RESUME_FREE_FIELDS"]
 
@@ -26,6 +27,9 @@ class TrainConfig(BaseModel):
     validation: DataSource | None = Field(None, description="validate on this source (any dataset kind) instead "
                                                             "of val_data/val_split")
     preset: str = "tiny-world"
+    components: ComponentSpec | None = Field(None, description="frozen-model sources replacing the preset's")
+    init_adapters: Path | None = Field(None, description="start from these trained adapters (fine-tuning)")
+    prompts_dir: Path | None = Field(None, description="prompt templates (stage_source=mllm; default: shipped)")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0)

@@ -51,7 +51,7 @@ from llavaseg.cache import (
 from llavaseg.data.annotations import GroundTruthStages
 from llavaseg.data.mixture import Mixture
 from llavaseg.data.registry import DataSource, open_dataset
-from llavaseg.errors import InputError
+from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.models.adapters import MultiScaleAdapters, save_adapters
 from llavaseg.paths import cache_dir
 from llavaseg.tinyworld.generate import default_tiny_world_source
@@ -75,25 +75,35 @@ class FrozenModels:
     """The frozen models a run needs (the MLLM and prompts only when stage outputs come from it)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from llavaseg.models.presets import (
-            PRESETS,
-            build_mllm,
-            build_sam,
-            build_text_encoder,
-        )
+        from llavaseg.models.components import build_mllm, build_sam, check_spec, open_text_encoder
+        from llavaseg.models.presets import get_preset
 
-        if config.preset not in PRESETS:
-            raise InputError(f"unknown preset {config.preset!r}; available: {', '.join(PRESETS)}")
-        self.preset = PRESETS[config.preset]
-        self.sam = build_sam(self.preset.sam_type, self.preset.sam_checkpoint, device=config.device)
-        self.text_encoder = build_text_encoder(self.preset.clip_model, self.preset.clip_pretrained, device=config.device)
+        self.preset = get_preset(config.preset)
+        self.spec = config.components or self.preset.spec()
+        check_spec(self.spec)
+        self.sam = build_sam(self.spec.sam, device=config.device)
+        self.text_encoder = open_text_encoder(self.spec.clip, device=config.device)
         self.mllm = None
         self.prompts = None
         if config.stage_source == "mllm":
             from llavaseg.prompting import PromptSet
 
-            self.mllm = build_mllm(self.preset.mllm, device=config.device, dtype="auto", quantization=None)
-            self.prompts = PromptSet.load()
+            self.mllm = build_mllm(self.spec.mllm, device=config.device, dtype="auto", quantization=None)
+            self.prompts = PromptSet.load(config.prompts_dir)
+
+
+def _start_from(adapters: MultiScaleAdapters, source: Path, frozen: Any) -> None:
+    """Initialise from trained adapters (fine-tuning): they must fit these frozen models and this architecture."""
+    from llavaseg.models.adapters import load_adapters
+
+    trained = load_adapters(source, sam_identity=frozen.sam.identity(),
+                            text_encoder_identity=frozen.text_encoder.identity())
+    if trained.config.model_dump(exclude={"sam_identity", "text_encoder_identity"}) != adapters.config.model_dump(
+            exclude={"sam_identity", "text_encoder_identity"}):
+        raise CheckpointMismatchError(f"--adapters {source}: another architecture than this run's adapters "
+                                      f"({trained.config.dim}-d x {trained.config.scales} vs {adapters.config.dim}-d "
+                                      f"x {adapters.config.scales})")
+    adapters.load_state_dict(trained.state_dict())
 
 
 def _log(config: TrainConfig, message: str) -> None:
@@ -288,16 +298,18 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
     adapters (an interruption; the next call resumes). ``frozen`` may pass already-built frozen models
     (an object with ``sam``, ``text_encoder``, ``mllm``, ``prompts``, ``preset``) to skip rebuilding them.
     """
-    from llavaseg.models.presets import new_adapters
+    from llavaseg.models.components import new_adapters
 
     wall_start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     frozen = frozen or FrozenModels(config)
-    preset = frozen.preset
-    adapters = new_adapters(frozen.sam, frozen.text_encoder, dim=config.adapter_dim or preset.adapter_dim,
-                            heads=config.adapter_heads or preset.adapter_heads,
-                            scales=tuple(config.adapter_scales or preset.adapter_scales), seed=config.seed)
+    spec = getattr(frozen, "spec", None) or frozen.preset
+    adapters = new_adapters(frozen.sam, frozen.text_encoder, dim=config.adapter_dim or spec.adapter_dim,
+                            heads=config.adapter_heads or spec.adapter_heads,
+                            scales=tuple(config.adapter_scales or spec.adapter_scales), seed=config.seed)
+    if config.init_adapters is not None:
+        _start_from(adapters, config.init_adapters, frozen)
     data = _prepare_data(config, frozen, adapters)
     run = _Run.create(config, adapters)
     if config.resume:
