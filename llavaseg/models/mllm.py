@@ -40,8 +40,11 @@ def _bitsandbytes_config(quantization: Quantization, compute_dtype: torch.dtype)
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
-    except Exception as exc:  # ImportError, or a broken native library
-        raise UnsupportedError(f"{quantization} loading needs bitsandbytes, which failed to import ({exc})") from None
+    except ModuleNotFoundError:
+        raise UnsupportedError(f"{quantization} loading needs bitsandbytes: pip install 'llavaseg[quant]'") from None
+    except Exception as exc:  # a broken native library
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedError(f"{quantization} loading needs bitsandbytes, which failed to import ({first})") from None
     # Note: bitsandbytes' CPU 4-bit kernels need every quantised layer's input width to be a multiple of its
     # block size (64); published LLaVA widths are, and the tiny models are built to be.
     if quantization == "4bit":
