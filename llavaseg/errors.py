@@ -52,7 +52,8 @@ def print_error(prog: str, error: BaseException) -> None:
 
 
 def run_guarded(prog: str, action: Callable[[], int], *, interrupted_hint: str = "") -> int:
-    """Run ``action``; user errors become one line + status 2, Ctrl-C one line + status 130."""
+    """Run ``action``; user errors (and failed file reads/writes) become one line + status 2, Ctrl-C one line +
+    status 130."""
     try:
         return action()
     except LlavasegError as error:
@@ -61,3 +62,7 @@ def run_guarded(prog: str, action: Callable[[], int], *, interrupted_hint: str =
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as error:  # a file the command had to read or write (disk full, permissions...)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"{prog}: error: {error.strerror or type(error).__name__}{where}", file=sys.stderr)
+        return EXIT_USAGE

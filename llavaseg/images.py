@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llavaseg.errors import InputError
 
 __all__ = ["ImageLike", "MAX_PIXELS", "MAX_ASPECT_RATIO", "load_image", "image_size", "image_digest",
-           "check_query"]
+           "check_query", "limit_query", "MAX_QUERY_CHARS"]
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -158,11 +158,29 @@ def image_digest(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+MAX_QUERY_CHARS = 2000
+"""Longest query passed to the models (characters); longer ones are cut and the cut is recorded. ReasonSeg's
+longest queries are a few hundred characters; 2,000 keeps a query well inside a 4k-token MLLM context next
+to the image tokens and the template."""
+
+
 def check_query(query: object) -> str:
-    """A query must be a non-empty string; return it stripped."""
+    """A query must be a non-empty string of valid text (no lone surrogates, which no tokenizer can encode);
+    return it stripped."""
     if not isinstance(query, str):
         raise InputError(f"query must be a string, got {type(query).__name__}")
     stripped = query.strip()
     if not stripped:
         raise InputError("query is empty")
+    for position, char in enumerate(stripped):
+        if "\ud800" <= char <= "\udfff":
+            raise InputError(f"query has a lone surrogate (U+{ord(char):04X}) at character {position}; "
+                             "it is not valid text")
     return stripped
+
+
+def limit_query(query: str, limit: int = MAX_QUERY_CHARS) -> tuple[str, str | None]:
+    """``query`` cut to ``limit`` characters, and a notice saying so (``None`` when it fits)."""
+    if len(query) <= limit:
+        return query, None
+    return query[:limit].rstrip(), f"query truncated to its first {limit} of {len(query)} characters"

@@ -47,14 +47,22 @@ def _strip_comments(text: str) -> str:
 
 
 def _placeholders(template: str, source: str) -> set[str]:
+    """The placeholder names of a template. Only plain ``{name}`` fields are allowed: a format spec or
+    conversion (``{query:>100000000}``, ``{query!r}``, ``{query:d}``) could build a huge prompt or fail only
+    when the first query is rendered, so it is refused here, when the template is loaded."""
     try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        parsed = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as exc:  # e.g. "Single '}' encountered in format string"
         raise TemplateError(f"{source}: malformed template ({exc}); write literal braces as '{{{{' and '}}}}'") from None
-    bad = {field for field in fields if not field.isidentifier()}
+    bad = sorted({field for field, _, _ in parsed if not field.isidentifier()})
     if bad:
-        raise TemplateError(f"{source}: placeholder(s) {sorted(bad)} are not plain names like {{query}}")
-    return fields
+        raise TemplateError(f"{source}: placeholder(s) {bad} are not plain names like {{query}}")
+    decorated = sorted({field for field, spec, conversion in parsed if spec or conversion})
+    if decorated:
+        raise TemplateError(f"{source}: placeholder(s) {', '.join('{' + f + '}' for f in decorated)} carry a format "
+                            "spec or conversion (':...' or '!r'); write plain {name} fields")
+    return {field for field, _, _ in parsed}
 
 
 class PromptTemplate(BaseModel):

@@ -19,7 +19,7 @@ from typing import Sequence, overload
 import numpy as np
 
 from llavaseg.errors import InputError
-from llavaseg.images import ImageLike, check_query, load_image
+from llavaseg.images import ImageLike, check_query, limit_query, load_image
 from llavaseg.models.adapters import MultiScaleAdapters
 from llavaseg.models.components import Components, ComponentSpec, build_components, check_spec
 from llavaseg.models.mllm import FrozenMLLM, Quantization
@@ -193,7 +193,8 @@ class Segmenter:
             raise InputError(f"{len(images)} images but {len(queries)} queries")
         if not images:
             return []
-        queries = [check_query(q) for q in queries]
+        limited = [limit_query(check_query(q)) for q in queries]
+        queries = [text for text, _ in limited]
         loaded: dict[int, np.ndarray] = {}
         arrays = []
         for item in images:  # the same object passed many times is loaded once
@@ -204,8 +205,10 @@ class Segmenter:
         results: list[SegmentationResult] = []
         for start in range(0, len(arrays), self.batch_size):
             results += self.route(arrays[start: start + self.batch_size], queries[start: start + self.batch_size])
-        for result in results:
+        for result, (_, cut) in zip(results, limited, strict=True):
             result.untrained, result.notices = list(provenance.untrained), list(provenance.notices)
+            if cut is not None:
+                result.notices.append(cut)
             result.provenance = provenance
         return results[0] if single else results
 

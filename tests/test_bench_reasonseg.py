@@ -274,13 +274,3 @@ def test_help_lists_subcommands(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "reasonseg" in out and "refcoco" in out
-
-
-def test_results_from_other_data_are_refused(data_root, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _run(data_root, out, "--routes", "llavaseg", "--no-dialogue", "--limit", "1") == 0
-    path = out / "queries-llavaseg.jsonl"
-    path.write_text(path.read_text().replace('"text":"the blue square on the right"', '"text":"an edited query"'))
-    capsys.readouterr()
-    assert _run(data_root, out, "--routes", "llavaseg", "--no-dialogue", "--limit", "1") == 2
-    assert "the data changed, use a new --out" in capsys.readouterr().err

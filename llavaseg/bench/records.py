@@ -22,6 +22,7 @@ class BenchRecord(QueryRecord):
 
     route: str
     text: str
+    input_key: str = ""  # digest of image pixels, ground-truth mask and text (see bench.scoring.input_key)
     description: str = ""
     attributes: dict[str, str] = {}
     attribute_parse: str = "none"
@@ -30,6 +31,7 @@ class BenchRecord(QueryRecord):
     seconds: float = 0.0
     timings: dict[str, float] = {}
     mask: dict[str, Any] | None = None
+    notices: list[str] = []  # e.g. the query was truncated to MAX_QUERY_CHARS
 
     def predicted_mask(self) -> np.ndarray | None:
         return decode_mask(self.mask) if self.mask is not None else None

@@ -4,11 +4,19 @@ The selected queries not yet in ``queries-<route>.jsonl`` are grouped by image (
 into the same batch and share one decoded image array, so SAM's feature cache and the MLLM's image work are
 reused), packed into batches of ``batch_size``, passed to the route, scored, and appended to the JSONL file as
 each batch finishes. A batch that raises is retried query by query, so one bad sample costs one error record
-(scored as the evaluator's rule says) instead of the run.
+(scored as the evaluator's rule says) instead of the run; an image or ground truth that cannot be read is such a
+failure too.
+
+Every record carries its *input key* (digest of image pixels, ground-truth mask and text): on resume a
+stored record is reused only when its query still has the same key, so an edited polygon, a replaced image
+or a changed text is scored again instead of reporting the old number. (Route, prompts and models are
+fixed per results folder by its ``run.json``.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -19,9 +27,33 @@ from tqdm import tqdm
 from llavaseg.bench.jsonl import append_jsonl, read_jsonl
 from llavaseg.bench.records import BenchRecord, record_from_error, record_from_result
 from llavaseg.errors import InputError, LlavasegError
-from llavaseg.images import check_query
+from llavaseg.images import check_query, image_digest, limit_query
 
-__all__ = ["route_file", "make_batches", "score_batch", "run_route", "one_line"]
+__all__ = ["route_file", "make_batches", "score_batch", "run_route", "one_line", "input_key"]
+
+logger = logging.getLogger(__name__)
+_UNREADABLE = np.zeros((1, 1), dtype=np.uint8)  # the ground truth of a query whose mask cannot be read
+
+
+def input_key(image: np.ndarray | BaseException, gt: np.ndarray | BaseException, text: str) -> str:
+    """Digest of what a query's score depends on in the data: image pixels, ground-truth mask, text.
+    An unreadable part gets a key of its own that never matches, so the query is always retried."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (image, gt):
+        if isinstance(part, BaseException):
+            return f"unreadable:{one_line(part)}"
+    digest.update(image_digest(image).encode())
+    digest.update(str(gt.shape).encode())
+    digest.update(np.ascontiguousarray(gt, dtype=np.uint8).tobytes())
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _load(load) -> np.ndarray | BaseException:
+    try:
+        return load()
+    except LlavasegError as exc:  # an unreadable image or mask fails its queries, not the run
+        return exc
 
 
 def route_file(out_dir: Path, prefix: str, route: str) -> Path:
@@ -63,22 +95,25 @@ def score_batch(name: str, route, batch: list) -> list[BenchRecord]:
     """Run ``route`` on one batch and score it; failures become error records, one per failing query."""
     images: dict[str, np.ndarray | BaseException] = {}
     for query in batch:
-        key = str(query.sample_id)
-        if key not in images:
-            try:
-                images[key] = query.load_image()
-            except LlavasegError as exc:  # an unreadable image fails its queries, not the run
-                images[key] = exc
-    gts = [query.load_mask() for query in batch]
+        if str(query.sample_id) not in images:
+            images[str(query.sample_id)] = _load(query.load_image)
+    loaded = [_load(query.load_mask) for query in batch]
+    keys = [input_key(images[str(q.sample_id)], gt, q.text) for q, gt in zip(batch, loaded, strict=True)]
+    gts = [_UNREADABLE if isinstance(gt, BaseException) else gt for gt in loaded]
     records: dict[int, BenchRecord] = {}
     runnable: list[int] = []
     texts: dict[int, str] = {}
+    cuts: dict[int, str] = {}
     for index, query in enumerate(batch):
         image = images[str(query.sample_id)]
         try:
             if isinstance(image, BaseException):
                 raise image
-            texts[index] = check_query(query.text)
+            if isinstance(loaded[index], BaseException):
+                raise InputError(f"ground truth unreadable ({one_line(loaded[index])})")
+            texts[index], cut = limit_query(check_query(query.text))
+            if cut is not None:
+                cuts[index] = cut
             runnable.append(index)
         except LlavasegError as exc:
             records[index] = record_from_error(name, query, gts[index], one_line(exc), 0.0)
@@ -113,16 +148,34 @@ def score_batch(name: str, route, batch: list) -> list[BenchRecord]:
                     keep(index, results[0], seconds)
                 else:
                     records[index] = record_from_error(name, batch[index], gts[index], error, seconds)
-    return [records[i] for i in range(len(batch))]
+    return [records[i].model_copy(update={"input_key": keys[i], "notices": [cuts[i]] if i in cuts else []})
+            for i in range(len(batch))]
+
+
+def _still_valid(done: dict[str, BenchRecord], queries: list) -> list:
+    """The queries whose stored record no longer matches their data (and must be scored again)."""
+    images: dict[str, np.ndarray | BaseException] = {}
+    changed = []
+    for query in queries:
+        record = done.get(query.query_id)
+        if record is None:
+            continue
+        if str(query.sample_id) not in images:
+            images = {str(query.sample_id): _load(query.load_image)}  # queries come grouped by image
+        if record.input_key != input_key(images[str(query.sample_id)], _load(query.load_mask), query.text):
+            changed.append(query)
+    return changed
 
 
 def run_route(name: str, route, queries: list, store: Path, batch_size: int) -> tuple[list[BenchRecord], int]:
     """Score every query of ``queries`` with ``route``, reusing ``store``; returns (records, n_resumed)."""
-    done = {record.query_id: record for record in read_jsonl(store, BenchRecord)}
-    for query in queries:
-        if query.query_id in done and done[query.query_id].text != query.text:
-            raise InputError(f"{store}: query {query.query_id} was scored with another text "
-                             f"({done[query.query_id].text!r}); the data changed, use a new --out")
+    done = {record.query_id: record for record in read_jsonl(store, BenchRecord)}  # the last line of a query wins
+    changed = _still_valid(done, queries)
+    if changed:
+        logger.warning("%s: %d stored queries changed since they were scored (image, ground truth or text); "
+                       "scoring them again", store.name, len(changed))
+        for query in changed:
+            del done[query.query_id]
     resumed = sum(query.query_id in done for query in queries)
     pending = [query for query in queries if query.query_id not in done]
     with tqdm(total=len(pending), desc=name, unit="q", file=sys.stderr) as bar:

@@ -16,9 +16,10 @@ What is stored
 Layout::
 
     <root>/identity.json                 identity of the models this cache belongs to
-    <root>/index.json                    images + queries (stage outputs, phrases, shard file), JSON
+    <root>/index.json                    images and shards (size, sha256; a shard's query entries in order)
+    <root>/index.lock                    held while a process merges its commit into index.json
     <root>/images/<d[:2]>/<d>.safetensors  embedding, level_0.., metadata input/original size
-    <root>/queries/shard-000000.safetensors text/<key> (T x D float32), mask/<key> (H x W uint8)
+    <root>/queries/<chunk>.safetensors   text/<key> (T x D float32), mask/<key> (H x W uint8)
     <root>/namespaces/<id-hash>/...      same layout, for other identities (only when asked for)
 
 Identity
@@ -31,9 +32,10 @@ MLLM and prompts then play no part and are recorded as such). A cache built for 
 naming the differing parts, unless ``on_mismatch="namespace"`` asks for a separate namespace in the same
 directory.
 
-Every file is written to a temporary name and renamed into place; the index is rewritten after each shard,
-so an interrupted build loses at most one shard and :func:`build_cache` resumes by skipping present keys.
-One builder per cache directory at a time (no locking).
+Every file is written to a temporary name and renamed into place and committed to the index under a file
+lock, so several processes may share one cache folder; an interrupted build loses at most one chunk and
+:func:`build_cache` resumes by skipping chunks already cached, computing the same batches an uninterrupted
+build would. A damaged file (size or sha256 differ from the index) is reported in one line and rebuilt.
 """
 
 from llavaseg.cache.build import build_cache, query_key

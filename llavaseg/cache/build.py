@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 
 from llavaseg.attributes import Attributes
 from llavaseg.cache.identity import StageSource
@@ -41,7 +42,7 @@ def query_key(image_key: str, text: str, mask: np.ndarray,
 
 
 class _Pending:
-    """One query waiting for its batch: everything needed to compute and store its entry."""
+    """One query of a chunk: everything needed to compute and store its entry."""
 
     __slots__ = ("query", "image", "digest", "mask", "key", "stage")
 
@@ -50,35 +51,36 @@ class _Pending:
         self.query, self.image, self.digest, self.mask, self.key, self.stage = query, image, digest, mask, key, stage
 
 
-def _stage_texts(pending: list[_Pending], source: StageSource, mllm: Any, prompts: Any
+def _stage_texts(chunk: list[_Pending], source: StageSource, mllm: Any, prompts: Any
                  ) -> list[tuple[str, Attributes, str, str, str]]:
-    """(description, attributes, parse method, raw stage-1 text, raw stage-2 text) of every pending query."""
+    """(description, attributes, parse method, raw stage-1 text, raw stage-2 text) of every query of a chunk."""
     if source == "teacher":
         return [(p.stage.description, Attributes(**p.stage.attributes), "teacher", "", "")  # type: ignore[union-attr]
-                for p in pending]
-    outputs = run_stages(mllm, prompts, [p.image for p in pending], [p.query.text for p in pending])
+                for p in chunk]
+    outputs = run_stages(mllm, prompts, [p.image for p in chunk], [p.query.text for p in chunk])
     return [(o.description, o.attributes, o.attribute_parse, o.reason_output, o.attributes_output) for o in outputs]
 
 
-def _store_batch(cache: FeatureCache, pending: list[_Pending], *, sam: FrozenSAM, text_encoder: FrozenTextEncoder,
-                 mllm: Any, prompts: Any) -> None:
-    """Run the frozen models on one batch of pending queries and write their images and one query shard."""
+def _encode_alone(text_encoder: FrozenTextEncoder, phrases: list[str]) -> torch.Tensor:
+    """Each phrase through the encoder on its own (a repeat comes from its memo): a cached embedding then never
+    depends on which other phrases shared a batch, so a resumed or concurrent build stores the same bits."""
+    return torch.cat([text_encoder.encode_text([phrase]) for phrase in phrases])
+
+
+def _store_chunk(cache: FeatureCache, chunk: list[_Pending], *, sam: FrozenSAM, text_encoder: FrozenTextEncoder,
+                 mllm: Any, prompts: Any) -> list[str]:
+    """Run the frozen models on one chunk and commit its new images and its queries as one unit."""
     new_images: dict[str, np.ndarray] = {}
-    for item in pending:
+    for item in chunk:
         if not cache.has_image(item.digest) and item.digest not in new_images:
             new_images[item.digest] = item.image
-    if new_images:
-        for digest, features in zip(new_images, sam.encode_batch(list(new_images.values())), strict=True):
-            cache.put_image(digest, features)
+    features = {digest: sam.encode_batch([image])[0] for digest, image in new_images.items()}  # one image a call
     source = cache.identity.stage_source
-    stages = _stage_texts(pending, source, mllm, prompts)
-    phrase_lists = [text_phrases(d, a, True, cache.identity.max_text_tokens) for d, a, *_ in stages]
-    flat = text_encoder.encode_text([p for phrases in phrase_lists for p in phrases])
-    entries, texts, offset = [], [], 0
-    for item, (description, attributes, parse, raw_r, raw_a), phrases in zip(pending, stages, phrase_lists,
-                                                                             strict=True):
-        texts.append(flat[offset: offset + len(phrases)].clone())
-        offset += len(phrases)
+    stages = _stage_texts(chunk, source, mllm, prompts)
+    entries, texts = [], []
+    for item, (description, attributes, parse, raw_r, raw_a) in zip(chunk, stages, strict=True):
+        phrases = text_phrases(description, attributes, True, cache.identity.max_text_tokens)
+        texts.append(_encode_alone(text_encoder, phrases))
         query = item.query
         entries.append(QueryEntry(
             key=item.key, query_id=str(query.query_id), sample_id=str(query.sample_id),
@@ -86,7 +88,7 @@ def _store_batch(cache: FeatureCache, pending: list[_Pending], *, sam: FrozenSAM
             image=item.digest, shard="", source=source, description=description,
             attributes=dict(attributes.items()), attribute_parse=str(parse), reason_output=raw_r,
             attributes_output=raw_a, phrases=phrases))
-    cache.put_queries(entries, texts, [item.mask for item in pending])
+    return cache.put_chunk(features, entries, texts, [item.mask for item in chunk])
 
 
 def _pending_query(query: SegQuery, ground_truth: GroundTruthStages | None) -> _Pending:
@@ -104,11 +106,14 @@ def build_cache(cache: FeatureCache, queries: Iterable[SegQuery], *, sam: Frozen
                 text_encoder: FrozenTextEncoder, mllm: Any = None, prompts: Any = None,
                 ground_truth: GroundTruthStages | None = None, batch_size: int = 8, progress: bool = True,
                 desc: str = "caching features") -> list[str]:
-    """Compute and store the frozen models' outputs for ``queries``; return their cache keys in order.
+    """Compute and store the frozen models' outputs for ``queries``; return their references in order.
 
-    Resumable: queries whose key is already cached are skipped (no model runs for them), images already
-    cached are not re-encoded. ``ground_truth`` replaces the MLLM's stage outputs by the split's ground-truth
-    stages (the cache's identity must then say ``stage_source="teacher"``).
+    Queries are taken in fixed chunks of ``batch_size`` (by position, whatever is cached already); a chunk cached
+    before (same keys in the same order, files intact) is skipped, any other is computed whole and committed as
+    one unit. A reference names chunk and key, so the samples read back are the ones this batching produced. So an
+    interrupted build resumes with exactly the chunks, batches and bits an uninterrupted one computes; images
+    and phrases are encoded one at a time for the same reason. ``ground_truth`` replaces the MLLM's stage
+    outputs by the split's ground-truth stages (the cache's identity must then say ``stage_source="teacher"``).
     """
     from tqdm.auto import tqdm
 
@@ -118,23 +123,20 @@ def build_cache(cache: FeatureCache, queries: Iterable[SegQuery], *, sam: Frozen
                          f"{'given' if ground_truth is not None else 'not given'}")
     if source == "mllm" and (mllm is None or prompts is None):
         raise InputError("building an MLLM-stage cache needs the MLLM and the prompt templates")
+    if batch_size < 1:
+        raise InputError(f"cache batch size must be at least 1, got {batch_size}")
     queries = list(queries)
-    keys: list[str] = []
-    pending: list[_Pending] = []
+    references: list[str] = []
     models = {"sam": sam, "text_encoder": text_encoder, "mllm": mllm, "prompts": prompts}
     with tqdm(total=len(queries), desc=desc, disable=not progress, unit="query", leave=False) as bar:
-        for query in queries:
-            item = _pending_query(query, ground_truth)
-            keys.append(item.key)
-            if cache.has_query(item.key) or any(p.key == item.key for p in pending):
-                bar.update(1)
-                continue
-            pending.append(item)
-            if len(pending) >= batch_size:
-                _store_batch(cache, pending, **models)
-                bar.update(len(pending))
-                pending = []
-        if pending:
-            _store_batch(cache, pending, **models)
-            bar.update(len(pending))
-    return keys
+        for start in range(0, len(queries), batch_size):
+            chunk = [_pending_query(query, ground_truth) for query in queries[start: start + batch_size]]
+            unique = list({item.key: item for item in chunk}.values())
+            unique_keys = [item.key for item in unique]
+            if cache.has_chunk(unique_keys):
+                names = dict(zip(unique_keys, cache.references(unique_keys), strict=True))
+            else:
+                names = dict(zip(unique_keys, _store_chunk(cache, unique, **models), strict=True))
+            references += [names[item.key] for item in chunk]
+            bar.update(len(chunk))
+    return references

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llavaseg.atomic import atomic_write_text
 from llavaseg.cli.common import (add_component_arguments, add_device_argument, add_version_argument, check_device,
-                                 components_from_args)
+                                 components_from_args, writable_dir, writable_file)
 from llavaseg.errors import InputError, run_guarded
 
 PROG = "llavaseg-bench"
@@ -103,6 +103,7 @@ def _run(settings, queries, **kwargs) -> int:
     from llavaseg.bench.report import make_console, render_table
     from llavaseg.bench.runner import run_benchmark
 
+    writable_dir(Path(settings.out_dir))
     results = run_benchmark(settings, queries, **kwargs)
     console = make_console()
     render_table(results, console)
@@ -186,6 +187,8 @@ def _speed(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise InputError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")
     check_preset_files(PRESETS[args.preset])
+    if args.out is not None:
+        writable_file(args.out)
     report = run_speed(args.preset, full=not args.quick, repeats=max(1, args.repeats))
     print(format_report(report))
     if args.out is not None:

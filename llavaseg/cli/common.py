@@ -13,6 +13,7 @@ import argparse
 import re
 
 from llavaseg import __version__
+from llavaseg.atomic import writable_dir, writable_file  # noqa: F401 - the CLI's output checks
 from llavaseg.errors import InputError, UnsupportedError
 from llavaseg.models.components import ComponentSpec
 from llavaseg.models.presets import PRESETS, get_preset

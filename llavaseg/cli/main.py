@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from llavaseg.atomic import atomic_write
-from llavaseg.cli.common import add_component_arguments, add_device_argument, add_version_argument, check_device, \
-    components_from_args
+from llavaseg.cli.common import (add_component_arguments, add_device_argument, add_version_argument, check_device,
+                                 components_from_args, writable_dir, writable_file)
 from llavaseg.cli.inputs import SegmentJob, collect_jobs
 from llavaseg.errors import InputError, run_guarded
 
@@ -110,12 +110,13 @@ def _segment(args: argparse.Namespace) -> int:
     if single:
         if args.out is None:
             raise InputError("--out MASK.png is required for one image")
-        if args.out.is_dir():
-            raise InputError(f"--out {args.out} is a folder; for one image give the mask file to write")
+        writable_file(args.out)
+        if args.overlay is not None:
+            writable_file(args.overlay, "--overlay")
         return _segment_one(args, jobs[0], choice)
     from llavaseg.cli.batch import run_jobs
 
-    return run_jobs(jobs, args.out or Path("segment-out"), lambda: _segmenter(args, choice), args.batch_size)
+    return run_jobs(jobs, writable_dir(args.out or Path("segment-out")), lambda: _segmenter(args, choice), args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from llavaseg.cli.common import add_version_argument
-from llavaseg.errors import LlavasegError
+from llavaseg.errors import LlavasegError, run_guarded
 
 # flag -> TrainConfig field, for the simple scalar options (None default = keep the config's value)
 _SCALARS: dict[str, tuple[type, str]] = {
@@ -52,6 +51,9 @@ _SCALARS: dict[str, tuple[type, str]] = {
     "threads": (int, "torch CPU threads"),
     "cache_batch_size": (int, "queries per MLLM batch while building the cache"),
 }
+
+
+PROG = "llavaseg-train"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,24 +124,7 @@ def build_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821 - imp
     return TrainConfig.model_validate(values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        config = build_config(args)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        print(f"error: invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", file=sys.stderr)
-        return 2
-    except LlavasegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from llavaseg.train import train_adapters
-
-    try:
-        result = train_adapters(config, stop_after=args.stop_after)
-    except LlavasegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _report(result) -> int:
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     if first and last:
         print(f"loss {first.loss:.4f} (step {first.step}) -> {last.loss:.4f} (step {last.step})")
@@ -152,6 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapters: {result.out} ({result.parameter_count:,} parameters, {result.train_seconds:.0f} s training, "
           f"{result.cache_seconds:.0f} s cache)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def action() -> int:
+        try:
+            config = build_config(args)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise LlavasegError(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        from llavaseg.train import train_adapters
+
+        return _report(train_adapters(config, stop_after=args.stop_after))
+
+    return run_guarded(PROG, action, interrupted_hint="the last complete step is checkpointed (the feature cache "
+                                                      "keeps every finished chunk); re-run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import math
+
 import numpy as np
 
-from llavaseg.images import image_size, load_image
+from llavaseg.errors import DatasetFormatError
+from llavaseg.images import MAX_ASPECT_RATIO, MAX_PIXELS, image_size, load_image
 
-__all__ = ["SegQuery", "SegDataset", "read_rgb", "image_hw", "IGNORE_VALUE"]
+__all__ = ["SegQuery", "SegDataset", "read_rgb", "image_hw", "check_coordinates", "IGNORE_VALUE", "MAX_COORDINATE"]
 
 IGNORE_VALUE = 255
 """Mask value excluded from the metric (LISA's ``ignore_index``)."""
+
+MAX_COORDINATE = 2**17
+"""Largest polygon coordinate (in pixels, either sign) a data file may hold: above the longest side an accepted
+image can have (``sqrt(MAX_PIXELS * MAX_ASPECT_RATIO)`` = 80,000), far below what makes the rasterisers slow
+(OpenCV takes seconds at 2**30) or pycocotools allocate gigabytes."""
+assert math.sqrt(MAX_PIXELS * MAX_ASPECT_RATIO) < MAX_COORDINATE
+
+
+def check_coordinates(values: object, where: str) -> None:
+    """Refuse polygon coordinates that are not finite numbers within :data:`MAX_COORDINATE` (one line naming
+    ``where``), before any rasteriser sees them."""
+    for value in values:  # type: ignore[attr-defined]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DatasetFormatError(f"{where}: coordinate {value!r} is not a number")
+        if not math.isfinite(value) or abs(value) > MAX_COORDINATE:
+            raise DatasetFormatError(f"{where}: coordinate {value!r} is not finite or beyond "
+                                     f"+-{MAX_COORDINATE} px")
 
 
 @runtime_checkable

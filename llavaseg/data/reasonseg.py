@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from llavaseg.atomic import atomic_write
-from llavaseg.data.base import IGNORE_VALUE, image_hw, read_rgb
+from llavaseg.data.base import IGNORE_VALUE, check_coordinates, image_hw, read_rgb
 from llavaseg.errors import DatasetFormatError, InputError
 
 __all__ = [
@@ -103,14 +103,9 @@ def _validate_shape(shape: Any, where: str) -> None:
     if not isinstance(shape["label"], str):
         raise DatasetFormatError(f"{where}: 'label' must be a string")
     points = shape["points"]
-    ok = isinstance(points, list) and all(
-        isinstance(p, (list, tuple))
-        and len(p) == 2
-        and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)
-        for p in points
-    )
-    if not ok:
+    if not isinstance(points, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in points):
         raise DatasetFormatError(f"{where}: 'points' must be a list of [x, y] numbers")
+    check_coordinates((c for p in points for c in p), f"{where}: points")
 
 
 # ------------------------------------------------------------------------------------------ rasterising

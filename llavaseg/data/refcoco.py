@@ -11,9 +11,9 @@ split is one query; its mask is the referred annotation's segmentation (polygons
 pycocotools). The metric is computed with :mod:`llavaseg.evaluate`; for RefCOCO the papers report cIoU.
 
 Why pickle: the official ``refs(unc).p`` / ``refs(google).p`` files are only distributed as Python
-pickles, so reading them needs :func:`pickle.load`, which can execute code from a malicious file. It is
-used only on that one refs file the caller points at, never on anything else; a ``refs(<split_by>).json``
-with the same content (a list of refs) is preferred when present, and is what to ship if you convert.
+pickles. They are read with an unpickler that builds plain data only (lists, dicts, strings, numbers) and
+refuses every class or callable, so a crafted file cannot run code; a ``refs(<split_by>).json`` with the same
+content (a list of refs) is preferred when present, and is what to ship if you convert.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict
 
-from llavaseg.data.base import read_rgb
+from llavaseg.data.base import check_coordinates, read_rgb
 from llavaseg.errors import DatasetFormatError
 
 __all__ = ["RefCocoQuery", "RefCocoDataset", "decode_segmentation", "load_refs", "DATASETS"]
@@ -37,6 +37,40 @@ __all__ = ["RefCocoQuery", "RefCocoDataset", "decode_segmentation", "load_refs",
 DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 _COCO_IMAGE_DIR = Path("images/mscoco/images/train2014")
 _CLEF_IMAGE_DIR = Path("images/saiapr_tc-12")
+
+
+def _compressed_run_lengths(counts: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, in Python), so that they
+    can be checked before pycocotools decodes them: its decoder trusts them and writes past the mask when
+    they add up to more than its area."""
+    if not isinstance(counts, bytes):
+        raise DatasetFormatError(f"RLE counts must be a string, got {type(counts).__name__}")
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise DatasetFormatError("RLE counts string ends inside a number")
+            code = counts[position] - 48
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _check_run_lengths(runs: Any, height: int, width: int) -> None:
+    """Run lengths must be non-negative integers covering the mask exactly (``height * width`` pixels)."""
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in runs):
+        raise DatasetFormatError("RLE counts must be non-negative integers")
+    if sum(runs) != height * width:
+        raise DatasetFormatError(f"RLE covers {sum(runs)} pixels, the image has {height * width}")
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -57,6 +91,8 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         if isinstance(segmentation, dict):
             rles = [segmentation]
         elif isinstance(segmentation, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in segmentation):
+            for index, polygon in enumerate(segmentation):
+                check_coordinates(polygon, f"segmentation polygon {index}")
             polys = [[float(v) for v in p] for p in segmentation if len(p) >= 6]
             if not polys:
                 return np.zeros((height, width), dtype=np.uint8)
@@ -69,12 +105,15 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         for rle in rles:
             counts = rle["counts"]
             if isinstance(counts, list):  # uncompressed RLE
+                _check_run_lengths(counts, height, width)
                 fixed.append(mask_utils.frPyObjects(dict(rle), height, width))
             else:
                 size = [int(s) for s in rle.get("size", (height, width))]
                 if size != [height, width]:
                     raise DatasetFormatError(f"RLE size {size} differs from image size {[height, width]}")
-                fixed.append({"size": size, "counts": counts.encode() if isinstance(counts, str) else counts})
+                counts = counts.encode() if isinstance(counts, str) else counts
+                _check_run_lengths(_compressed_run_lengths(counts), height, width)
+                fixed.append({"size": size, "counts": counts})
         with warnings.catch_warnings():
             # pycocotools' __array__ shim warns under numpy 2 on every decode; it is harmless and not ours
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -86,8 +125,33 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return (decoded.reshape(height, width, -1).max(axis=2) > 0).astype(np.uint8)
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a class or callable (the only way a pickle runs code)."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only: dicts, lists, tuples, strings, numbers, booleans, None.
+
+    Those need no class lookup, so :meth:`find_class` refusing every global leaves nothing that can run code:
+    a refs file crafted to call ``os.system`` (or any callable) fails here instead of executing.
+    """
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle's API
+        raise _RefusedGlobal(f"it refers to {module}.{name}; only plain data (lists, dicts, strings, "
+                                     "numbers) is read from a refs pickle")
+
+
+def _load_plain_pickle(handle) -> Any:
+    try:
+        return _PlainDataUnpickler(handle).load()
+    except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII byte strings
+        handle.seek(0)
+        return _PlainDataUnpickler(handle, encoding="latin1").load()
+
+
 def load_refs(path: Path) -> list[dict[str, Any]]:
-    """Load a refs file: JSON when the name ends in ``.json``, otherwise a pickle (see module docstring)."""
+    """Load a refs file: JSON when the name ends in ``.json``, otherwise refer's pickle, read as plain data only
+    (see :class:`_PlainDataUnpickler`; a pickle holding anything else is refused, and the JSON form named)."""
     path = Path(path)
     try:
         if path.suffix == ".json":
@@ -95,15 +159,16 @@ def load_refs(path: Path) -> list[dict[str, Any]]:
                 refs = json.load(fh)
         else:
             with path.open("rb") as fh:
-                try:
-                    refs = pickle.load(fh)  # noqa: S301 - only the refs file, which is pickle-only upstream
-                except UnicodeDecodeError:
-                    fh.seek(0)
-                    refs = pickle.load(fh, encoding="latin1")  # noqa: S301 - Python 2 pickle with non-ASCII str
+                refs = _load_plain_pickle(fh)
     except FileNotFoundError:
         raise DatasetFormatError(f"refs file not found: {path}") from None
-    except (json.JSONDecodeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DatasetFormatError(f"cannot parse refs file {path}: {exc}") from None
+    except _RefusedGlobal as exc:
+        raise DatasetFormatError(f"refusing refs file {path}: {exc}; convert it to refs(<split_by>).json "
+                                 "(a list of refs)") from None
+    except (pickle.UnpicklingError, json.JSONDecodeError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DatasetFormatError(f"cannot parse refs file {path}: {type(exc).__name__} {first}".rstrip()) from None
     if not isinstance(refs, list):
         raise DatasetFormatError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     return refs

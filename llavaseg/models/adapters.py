@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError
+from llavaseg.models.common import WEIGHT_FILE_ERRORS, weights_error
 
 ADAPTER_FORMAT_VERSION = 1
 
@@ -47,6 +48,36 @@ class AdapterConfig(BaseModel):
     sam_identity: dict[str, str] = {}
     text_encoder_identity: dict[str, str] = {}
     format_version: int = ADAPTER_FORMAT_VERSION
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterConfig:
+        """Shapes that fit together, checked when the config is read (not deep inside torch later)."""
+        sizes = {"text_dim": self.text_dim, "level_dim": self.level_dim, "prompt_dim": self.prompt_dim,
+                 "grid": self.grid, "dim": self.dim, "heads": self.heads, "num_prompts": self.num_prompts,
+                 "max_text_tokens": self.max_text_tokens}
+        small = [f"{name}={value}" for name, value in sizes.items() if value < 1]
+        if small or self.num_levels < 0 or any(scale < 1 for scale in self.scales):
+            raise ValueError(f"sizes must be positive: {', '.join(small) or f'scales={self.scales}'}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if len(self.scales) != self.num_levels + 1:
+            raise ValueError(f"scales {self.scales} need one entry per level plus the final embedding "
+                             f"({self.num_levels + 1})")
+        uneven = [scale for scale in self.scales if self.grid % scale]
+        if uneven:
+            raise ValueError(f"grid {self.grid} is not divisible by scale(s) {uneven}")
+        if self.format_version != ADAPTER_FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version}, this llavaseg reads {ADAPTER_FORMAT_VERSION}")
+        return self
+
+    def check_identities(self, where: str | Path) -> None:
+        """Saved adapters must name the SAM and text encoder they were trained for: an empty identity would
+        silently turn off the check that they are used with those models."""
+        for label, identity in (("sam_identity", self.sam_identity), ("text_encoder_identity",
+                                                                      self.text_encoder_identity)):
+            if not identity or not all(str(value).strip() for value in identity.values()):
+                raise CheckpointMismatchError(f"{where}: {label} is missing or empty; adapters must record the "
+                                              "frozen models they were trained for")
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -90,8 +121,6 @@ class MultiScaleAdapters(nn.Module):
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
-        if len(config.scales) != config.num_levels + 1:
-            raise ValueError(f"need one scale per level plus the final embedding: {config.scales}")
         self.config = config
         d = config.dim
         self.text_proj = nn.Linear(config.text_dim, d)
@@ -101,9 +130,6 @@ class MultiScaleAdapters(nn.Module):
         self.level_proj = nn.ModuleList(
             [nn.Linear(config.level_dim, d) for _ in range(config.num_levels)] + [nn.Linear(config.prompt_dim, d)])
         self.read_image = nn.ModuleList([CrossBlock(d, config.heads) for _ in config.scales])
-        for scale in config.scales:
-            if config.grid % scale:
-                raise ValueError(f"grid {config.grid} is not divisible by scale {scale}")
         for index, scale in enumerate(config.scales):
             self.register_buffer(f"pos_{index}", sincos_2d(config.grid // scale, d), persistent=False)
         self.to_sparse = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.prompt_dim))
@@ -151,6 +177,7 @@ class MultiScaleAdapters(nn.Module):
 def save_adapters(adapters: MultiScaleAdapters, directory: str | Path, card: dict | None = None) -> Path:
     """Write ``adapters.safetensors`` + ``config.json`` (+ ``card.json``) atomically into ``directory``."""
     directory = Path(directory)
+    adapters.config.check_identities(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()}
     atomic_write(directory / "adapters.safetensors", lambda p: save_file(state, str(p), metadata={"format": "llavaseg-adapters"}))
@@ -169,8 +196,14 @@ def load_adapters(directory: str | Path, *, sam_identity: dict[str, str] | None 
         raise CheckpointMismatchError(f"{directory} holds no adapters (needs config.json and adapters.safetensors)")
     try:
         config = AdapterConfig.model_validate_json(config_path.read_text())
-    except ValueError as exc:
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CheckpointMismatchError(f"{config_path}: not a valid adapter config ({where + ': ' if where else ''}"
+                                      f"{first['msg']})") from None
+    except (OSError, ValueError) as exc:
         raise CheckpointMismatchError(f"{config_path}: not an adapter config ({exc.__class__.__name__})") from None
+    config.check_identities(config_path)
     for label, wanted, recorded in (("SAM", sam_identity, config.sam_identity),
                                     ("text encoder", text_encoder_identity, config.text_encoder_identity)):
         if wanted is not None and recorded and dict(recorded) != dict(wanted):
@@ -178,7 +211,15 @@ def load_adapters(directory: str | Path, *, sam_identity: dict[str, str] | None 
                 f"adapters in {directory} were trained for {label} {dict(recorded)}, not {dict(wanted)}")
     adapters = MultiScaleAdapters(config)
     try:
-        adapters.load_state_dict(load_file(str(weights_path)))
+        state = load_file(str(weights_path))
+    except WEIGHT_FILE_ERRORS as exc:
+        raise weights_error("adapter weights", weights_path, exc) from None
+    try:
+        adapters.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointMismatchError(f"{weights_path} does not match its config: {str(exc).splitlines()[0]}") from None
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CheckpointMismatchError(f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values "
+                                      f"(first: {bad[0]}); the adapters are broken, retrain or re-download them")
     return adapters

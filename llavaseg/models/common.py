@@ -1,14 +1,38 @@
-"""Helpers every frozen-model wrapper shares: freezing, and what ``dtype="auto"`` means on a device."""
+"""Helpers every frozen-model wrapper shares: freezing, what ``dtype="auto"`` means on a device, and how a
+weights file that cannot be read is reported."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from llavaseg.errors import InputError
+from llavaseg.errors import CheckpointMismatchError, InputError
 
-__all__ = ["freeze", "resolve_dtype", "DTYPES", "state_dict_mismatch"]
+__all__ = ["freeze", "resolve_dtype", "DTYPES", "state_dict_mismatch", "WEIGHT_FILE_ERRORS", "weights_error"]
+
+WEIGHT_FILE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+"""What reading a damaged, truncated or refused weights file raises, from safetensors, torch.load or the
+transformers/open_clip loaders built on them."""
+
+
+def weights_error(what: str, path: str | Path, exc: BaseException) -> CheckpointMismatchError:
+    """One line for a weights file that cannot be read: truncated safetensors and pickles holding more than
+    tensors (refused by ``torch.load(weights_only=True)``) get a plain explanation instead of the library's."""
+    if isinstance(exc, pickle.UnpicklingError):
+        reason = ("a pickle holding objects other than tensors, refused unread (torch.load weights_only=True); "
+                  "convert it to .safetensors")
+    elif isinstance(exc, SafetensorError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"not a complete .safetensors file ({first})" if first else "not a complete .safetensors file"
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+    return CheckpointMismatchError(f"cannot read {what} {path}: {reason}")
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

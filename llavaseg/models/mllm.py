@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
+from safetensors import SafetensorError
 
-from llavaseg.errors import CheckpointMismatchError, UnsupportedError
-from llavaseg.models.common import freeze, resolve_dtype
+from llavaseg.errors import CheckpointMismatchError, InputError, UnsupportedError
+from llavaseg.models.common import freeze, resolve_dtype, weights_error
 
 Quantization = Literal["4bit", "8bit"] | None
 
@@ -88,6 +90,29 @@ class Conversation:
     image_features: list[torch.Tensor] | None = None  # per-image encoder outputs, replacing pixel_values
 
 
+def control_tokens(processor: Any) -> list[str]:
+    """Strings the processor's tokenizer turns into control tokens (``<image>``, ``</s>``, ``<|im_start|>``,
+    ``[SEG]``...), longest first. In a query they would add image slots or end turns: the processor then fails
+    deep inside, or the model answers a conversation the user did not write."""
+    tokenizer = processor.tokenizer
+    tokens = set(tokenizer.all_special_tokens)
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            tokens.add(str(added.content))
+    for attribute in ("image_token", "video_token", "boi_token", "eoi_token"):
+        value = getattr(processor, attribute, None)
+        if isinstance(value, str):
+            tokens.add(value)
+    return sorted((t for t in tokens if len(t.strip()) > 1), key=len, reverse=True)
+
+
+def check_no_control_tokens(prompt: str, tokens: list[str]) -> None:
+    for token in tokens:
+        if token in prompt:
+            raise InputError(f"the query or template holds {token!r}, a control token of the MLLM's tokenizer; "
+                             "remove it (it would change the conversation the model sees)")
+
+
 class FrozenMLLM:
     """A frozen image-text-to-text model plus its processor; answers multi-turn questions about one image."""
 
@@ -106,6 +131,11 @@ class FrozenMLLM:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"  # decoder-only batching: pad on the left, generate on the right
+        self._control_tokens = control_tokens(processor)
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse a user turn holding one of the tokenizer's control tokens (see :func:`control_tokens`)."""
+        check_no_control_tokens(prompt, self._control_tokens)
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -132,6 +162,8 @@ class FrozenMLLM:
         try:
             processor = AutoProcessor.from_pretrained(str(name_or_path), local_files_only=local_files_only)
             model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), **kwargs)
+        except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # damaged or refused weights file
+            raise weights_error("MLLM weights in", name_or_path, exc) from None
         except (OSError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedError(f"cannot load MLLM {name_or_path!s}: {first_line}") from None
@@ -261,6 +293,8 @@ class FrozenMLLM:
         to continue from with :meth:`follow_up`."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        for prompt in prompts:
+            self.check_prompt(prompt)
         pil_images = [Image.fromarray(image) for image in images]
         texts = [self.render_chat([], prompt) for prompt in prompts]
         inputs = self.processor(images=pil_images, text=texts, return_tensors="pt", padding=True)
@@ -276,6 +310,8 @@ class FrozenMLLM:
         """Next user turn of every conversation in ``state`` (continues its token ids and, if kept, its cache)."""
         if len(prompts) != len(state.rows):
             raise ValueError(f"{len(state.rows)} conversations but {len(prompts)} prompts")
+        for prompt in prompts:
+            self.check_prompt(prompt)
         for index, prompt in enumerate(prompts):
             suffix = self._continuation_text(state.first_prompts[index], prompt)
             if self._template_ends_answers_with_eos(state.first_prompts[index], prompt):

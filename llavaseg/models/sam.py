@@ -22,8 +22,18 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.images import image_digest
-from llavaseg.models.common import freeze, state_dict_mismatch
-from llavaseg.models.sam_spec import SAM_SPECS, SamSpec, build_sam_from_spec, infer_sam_spec
+from llavaseg.models.common import (
+    WEIGHT_FILE_ERRORS,
+    freeze,
+    state_dict_mismatch,
+    weights_error,
+)
+from llavaseg.models.sam_spec import (
+    SAM_SPECS,
+    SamSpec,
+    build_sam_from_spec,
+    infer_sam_spec,
+)
 
 
 @dataclass
@@ -89,8 +99,8 @@ def read_sam_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # unreadable / truncated / refused pickled objects
-        raise CheckpointMismatchError(f"cannot read SAM checkpoint {path}: {type(exc).__name__}") from None
+    except WEIGHT_FILE_ERRORS as exc:  # unreadable / truncated / refused pickled objects
+        raise weights_error("SAM checkpoint", path, exc) from None
     if isinstance(state, dict) and set(state) <= {"model", "state_dict"} and len(state) == 1:
         state = next(iter(state.values()))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

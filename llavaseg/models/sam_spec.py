@@ -76,7 +76,13 @@ SAM_SPECS: dict[str, SamSpec] = {
 def build_sam_from_spec(spec: SamSpec) -> Sam:
     """Build an (untrained) ``Sam`` with segment_anything's own modules, following upstream ``_build_sam``."""
     import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     grid = spec.embedding_size
     sam = Sam(

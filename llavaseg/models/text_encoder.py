@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 
 from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
-from llavaseg.models.common import freeze
+from llavaseg.models.common import freeze, weights_error
 
 _CONFIG_DIR = Path(__file__).with_name("clip_configs")
 open_clip.add_model_config(_CONFIG_DIR)
@@ -64,6 +66,8 @@ class FrozenTextEncoder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device,
                 force_quick_gelu=quick_gelu)
+        except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # damaged or refused weights file
+            raise weights_error("open_clip weights", pretrained or model_name, exc) from None
         except RuntimeError as exc:  # a failed download, or a state-dict mismatch (weights of another model)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "download" in first.lower():

@@ -23,7 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from llavaseg.atomic import atomic_write
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
-from llavaseg.models.common import state_dict_mismatch
+from llavaseg.models.common import (
+    WEIGHT_FILE_ERRORS,
+    state_dict_mismatch,
+    weights_error,
+)
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.seg_token.model import (
@@ -113,8 +117,8 @@ def load_seg_token_model(directory: str | Path, mllm: FrozenMLLM, sam: FrozenSAM
         raise CheckpointMismatchError(f"{directory}: missing {WEIGHTS_NAME}")
     try:
         state = load_file(str(weights), device=str(mllm.device))
-    except Exception as exc:  # truncated or not a safetensors file
-        raise CheckpointMismatchError(f"cannot read {weights}: {type(exc).__name__}") from None
+    except WEIGHT_FILE_ERRORS as exc:  # truncated or not a safetensors file
+        raise weights_error("[SEG] weights", weights, exc) from None
     model = create_seg_token_model(mllm, sam, lora=config.lora, seed=config.seed)
     if (model.seg_token_id, model.config.vocab_size) != (config.seg_token_id, config.vocab_size):
         raise CheckpointMismatchError(

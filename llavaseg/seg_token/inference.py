@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llavaseg.models.mllm import check_no_control_tokens, control_tokens
 from llavaseg.seg_token.model import SegTokenModel, select_seg_hidden
 from llavaseg.seg_token.prompts import (
     TEACHER_FORCED_ANSWER,
@@ -161,6 +162,9 @@ def predict(model: SegTokenModel, images: list[np.ndarray], queries: list[str], 
     model.eval()
     try:
         user_texts = [request_text(query, s) for query, s in zip(queries, styles)]
+        tokens = control_tokens(model.processor)
+        for text in user_texts:
+            check_no_control_tokens(text, tokens)
         if protocol == "teacher-forced":
             passes = teacher_forced_pass(model, images, user_texts)
         elif protocol == "generate":

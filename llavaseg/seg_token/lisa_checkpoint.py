@@ -64,7 +64,11 @@ import torch
 
 from llavaseg.errors import CheckpointMismatchError
 from llavaseg.models.chat_templates import llava_chat_template
-from llavaseg.models.common import state_dict_mismatch
+from llavaseg.models.common import (
+    WEIGHT_FILE_ERRORS,
+    state_dict_mismatch,
+    weights_error,
+)
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.seg_token.model import (
     SegTokenConfig,
@@ -154,7 +158,10 @@ def read_lisa_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     if shards:
         for shard in shards:
-            state.update(load_file(str(shard)))
+            try:
+                state.update(load_file(str(shard)))
+            except WEIGHT_FILE_ERRORS as exc:
+                raise weights_error("LISA weights shard", shard, exc) from None
         return state
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if not bins:
@@ -162,8 +169,8 @@ def read_lisa_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     for shard in bins:
         try:
             part = torch.load(str(shard), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointMismatchError(f"cannot read {shard}: {type(exc).__name__}") from None
+        except WEIGHT_FILE_ERRORS as exc:
+            raise weights_error("LISA weights shard", shard, exc) from None
         state.update(part)
     return state
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llavaseg.atomic import writable_dir
 from llavaseg.cache import (
     CachedSample,
     FeatureCache,
@@ -63,6 +64,7 @@ from llavaseg.train.config import (
     TrainResult,
     ValPoint,
 )
+from llavaseg.train.interrupt import DeferredInterrupt
 from llavaseg.train.schedule import lambda_scheduler
 from llavaseg.train.state import load_state, save_state
 from llavaseg.train.step import adapter_train_step
@@ -75,7 +77,12 @@ class FrozenModels:
     """The frozen models a run needs (the MLLM and prompts only when stage outputs come from it)."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from llavaseg.models.components import build_mllm, build_sam, check_spec, open_text_encoder
+        from llavaseg.models.components import (
+            build_mllm,
+            build_sam,
+            check_spec,
+            open_text_encoder,
+        )
         from llavaseg.models.presets import get_preset
 
         self.preset = get_preset(config.preset)
@@ -113,9 +120,21 @@ def _log(config: TrainConfig, message: str) -> None:
         tqdm.write(message)
 
 
-def resume_identity(config: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: every setting that changes the trained weights."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUME_FREE_FIELDS}
+def resume_identity(config: TrainConfig, data: _Data | None = None, initial: str | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: every setting that changes the trained weights and, once the
+    data are known, what produced the run: the training and validation queries (their content keys: image
+    pixels, text, mask and annotation digests, in order), the frozen models and prompts (the cache identity)
+    and the adapters' starting weights (fingerprint: covers ``init_adapters`` whose file may have changed)."""
+    identity: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items()
+                                if k not in RESUME_FREE_FIELDS}
+    if data is not None:
+        keys = hashlib.blake2b(digest_size=12)
+        for part in [*data.train_keys, [s.entry.key for s in data.val_samples]]:
+            keys.update("\n".join(reference.partition("#")[2] for reference in part).encode() + b"\0")
+        identity |= {"data": keys.hexdigest(), "frozen_models": data.cache.identity.digest()}
+    if initial is not None:
+        identity["initial_adapters"] = initial
+    return identity
 
 
 def _default_checkpoint_dir(config: TrainConfig) -> Path:
@@ -204,6 +223,7 @@ class _Run:
     scheduler: Any
     rng: np.random.Generator
     checkpoint_dir: Path
+    identity: dict[str, Any]
     losses: list[LossPoint] = field(default_factory=list)
     val_history: list[ValPoint] = field(default_factory=list)
     start_step: int = 0
@@ -211,16 +231,17 @@ class _Run:
     previous_train_seconds: float = 0.0
 
     @classmethod
-    def create(cls, config: TrainConfig, adapters: MultiScaleAdapters) -> _Run:
+    def create(cls, config: TrainConfig, adapters: MultiScaleAdapters, data: _Data) -> _Run:
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.lr, betas=config.betas,
                                       weight_decay=config.weight_decay)
         scheduler = lambda_scheduler(optimizer, warmup=config.warmup_steps, total=config.steps,
                                      schedule=config.schedule)
         return cls(config, adapters, optimizer, scheduler, np.random.default_rng([config.seed, 7]),
-                   Path(config.checkpoint_dir or _default_checkpoint_dir(config)))
+                   Path(config.checkpoint_dir or _default_checkpoint_dir(config)),
+                   resume_identity(config, data, adapters.fingerprint()))
 
     def resume(self) -> None:
-        resumed = load_state(self.checkpoint_dir, identity=resume_identity(self.config), optimizer=self.optimizer,
+        resumed = load_state(self.checkpoint_dir, identity=self.identity, optimizer=self.optimizer,
                              scheduler=self.scheduler, numpy_rng=self.rng)
         if resumed is None:
             return
@@ -232,7 +253,7 @@ class _Run:
         _log(self.config, f"resuming from {self.checkpoint_dir} at step {resumed.step}")
 
     def checkpoint(self, step: int, train_seconds: float) -> None:
-        save_state(self.checkpoint_dir, step=step, identity=resume_identity(self.config),
+        save_state(self.checkpoint_dir, step=step, identity=self.identity,
                    model=self.adapters.state_dict(), optimizer=self.optimizer, scheduler=self.scheduler,
                    numpy_rng=self.rng, extra={"losses": [p.model_dump() for p in self.losses],
                                               "val_history": [p.model_dump() for p in self.val_history],
@@ -252,8 +273,10 @@ class _Run:
         return point
 
 
-def _train_loop(run: _Run, data: _Data, sam: Any, stop_after: int | None) -> tuple[int, bool, float]:
-    """Optimiser steps from ``run.start_step``; returns (last step, stopped early, seconds of this call)."""
+def _train_loop(run: _Run, data: _Data, sam: Any, stop_after: int | None,
+                interrupt: DeferredInterrupt) -> tuple[int, bool, float]:
+    """Optimiser steps from ``run.start_step``; returns (last step, stopped early, seconds of this call).
+    Stops early after ``stop_after`` steps or, after a complete step, when Ctrl-C was pressed."""
     from tqdm.auto import tqdm
 
     config = run.config
@@ -265,7 +288,7 @@ def _train_loop(run: _Run, data: _Data, sam: Any, stop_after: int | None) -> tup
     with tqdm(total=config.steps, initial=run.start_step, desc="training adapters", unit="step",
               disable=not config.progress, leave=False) as bar:
         while step < config.steps:
-            if stop_after is not None and step - run.start_step >= stop_after:
+            if interrupt.requested or (stop_after is not None and step - run.start_step >= stop_after):
                 stopped_early = True
                 break
             batch = data.samples(mixture.batch(step, config.batch_size))
@@ -295,12 +318,15 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
     """Build/resume the feature cache, train (or resume training) the adapters, validate, save.
 
     ``stop_after`` ends the run after that many optimiser steps *of this call* with a checkpoint and no final
-    adapters (an interruption; the next call resumes). ``frozen`` may pass already-built frozen models
+    adapters (an interruption; the next call resumes). Ctrl-C does the same after the current step, then
+    raises ``KeyboardInterrupt``. ``frozen`` may pass already-built frozen models
     (an object with ``sam``, ``text_encoder``, ``mllm``, ``prompts``, ``preset``) to skip rebuilding them.
     """
     from llavaseg.models.components import new_adapters
 
     wall_start = time.perf_counter()
+    writable_dir(Path(config.out), "out", create=False)  # before hours of training, not after
+    writable_dir(Path(config.checkpoint_dir or _default_checkpoint_dir(config)), "checkpoint_dir")
     if config.threads:
         torch.set_num_threads(config.threads)
     frozen = frozen or FrozenModels(config)
@@ -311,15 +337,19 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
     if config.init_adapters is not None:
         _start_from(adapters, config.init_adapters, frozen)
     data = _prepare_data(config, frozen, adapters)
-    run = _Run.create(config, adapters)
+    run = _Run.create(config, adapters, data)
     if config.resume:
         run.resume()
     if run.start_step == 0 and data.val_samples:
         run.validate(0, data, frozen.sam)  # the untrained baseline, so every card shows what training bought
-    step, stopped_early, seconds = _train_loop(run, data, frozen.sam, stop_after)
-    train_seconds = run.previous_train_seconds + seconds
-    steps_this_call = step - run.start_step
-    run.checkpoint(step, train_seconds)
+    with DeferredInterrupt() as interrupt:
+        step, stopped_early, seconds = _train_loop(run, data, frozen.sam, stop_after, interrupt)
+        train_seconds = run.previous_train_seconds + seconds
+        steps_this_call = step - run.start_step
+        run.checkpoint(step, train_seconds)
+    if interrupt.requested:
+        _log(config, f"interrupted: step {step} checkpointed in {run.checkpoint_dir}")
+        raise KeyboardInterrupt
     final, out = None, None
     n_train = sum(len(k) for k in data.train_keys)
     if not stopped_early:

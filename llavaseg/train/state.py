@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from llavaseg.atomic import atomic_write, atomic_write_text
 from llavaseg.errors import CheckpointMismatchError
+from llavaseg.models.common import WEIGHT_FILE_ERRORS, weights_error
 
 __all__ = ["STATE_FORMAT", "STATE_FILE", "ResumedState", "save_state", "load_state", "peek_state",
            "identity_differences"]
@@ -137,8 +138,8 @@ def load_state(directory: Path | str, *, identity: dict[str, Any], optimizer: to
     tensor_path = directory / Path(str(payload["tensors"])).name  # never follow a path out of the folder
     try:
         tensors = load_file(str(tensor_path))
-    except Exception as exc:  # missing, truncated or not safetensors
-        raise CheckpointMismatchError(f"cannot read training state {tensor_path}: {type(exc).__name__}") from None
+    except WEIGHT_FILE_ERRORS as exc:  # missing, truncated or not safetensors
+        raise weights_error("training state", tensor_path, exc) from None
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
