@@ -109,6 +109,12 @@ def _run(settings, queries, **kwargs) -> int:
     render_table(results, console)
     console.print(f"wrote results.json, results.csv, overlays.png and per-query queries-<route>.jsonl in "
                   f"{settings.out_dir}")
+    failed = [name for name, summary in results.routes.items() if summary.n_queries and
+              summary.n_errors == summary.n_queries]
+    if failed:  # a run whose every query failed measured nothing: say so in the exit status too
+        print(f"{PROG}: error: every query failed for route(s) {', '.join(failed)}; see the 'error' field in "
+              f"{settings.out_dir}/queries-<route>.jsonl", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -342,7 +342,7 @@ class FrozenMLLM:
             # The cache holds keys/values of every fed or generated position but the last. Keep the longest
             # prefix that agrees with the conversation ids (generation may have emitted tokens the answer drops);
             # the next turn feeds whatever the cache lacks.
-            cache = output.past_key_values
+            cache = getattr(output, _cache_kwarg())  # the old name warns where transformers renamed it
             fed = output.sequences[0].tolist()[: cache.get_seq_length()]
             row = state.rows[0]
             keep = 0
