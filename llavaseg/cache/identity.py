@@ -60,6 +60,7 @@ def cache_identity(sam: FrozenSAM, text_encoder: FrozenTextEncoder, *, max_text_
         mllm_id, prompts_id = dict(GROUND_TRUTH_MLLM), {}
     else:
         raise InputError(f"stage_source must be 'mllm' or 'teacher', got {stage_source!r}")
-    return CacheIdentity(stage_source=stage_source, sam=dict(sam.identity()), feature_layers=tuple(sam.feature_layers),
+    layers = tuple(getattr(sam, "feature_layers", ()))  # SAM 1's chosen ViT blocks; SAM 2's levels are fixed
+    return CacheIdentity(stage_source=stage_source, sam=dict(sam.identity()), feature_layers=layers,
                          text_encoder=dict(text_encoder.identity()), max_text_tokens=max_text_tokens,
                          mllm=mllm_id, prompts=prompts_id)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llavaseg.atomic import atomic_write
-from llavaseg.errors import CheckpointMismatchError
+from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.models.common import WEIGHT_FILE_ERRORS, weights_error
 
 ADAPTER_FORMAT_VERSION = 1
@@ -48,6 +48,12 @@ class AdapterConfig(BaseModel):
     sam_identity: dict[str, str] = {}
     text_encoder_identity: dict[str, str] = {}
     format_version: int = ADAPTER_FORMAT_VERSION
+    # Channels per level when they differ (SAM 2's pyramid: 32 and 64); empty = every level has level_dim. Left
+    # out of config.json when empty, so SAM 1 adapters' files are as before.
+    level_dims: tuple[int, ...] = Field((), exclude_if=lambda dims: not dims)
+
+    def dims_of_levels(self) -> tuple[int, ...]:
+        return self.level_dims or (self.level_dim,) * self.num_levels
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterConfig:
@@ -66,6 +72,8 @@ class AdapterConfig(BaseModel):
         uneven = [scale for scale in self.scales if self.grid % scale]
         if uneven:
             raise ValueError(f"grid {self.grid} is not divisible by scale(s) {uneven}")
+        if self.level_dims and (len(self.level_dims) != self.num_levels or min(self.level_dims) < 1):
+            raise ValueError(f"level_dims {self.level_dims} need {self.num_levels} positive entries")
         if self.format_version != ADAPTER_FORMAT_VERSION:
             raise ValueError(f"format_version {self.format_version}, this llavaseg reads {ADAPTER_FORMAT_VERSION}")
         return self
@@ -128,7 +136,7 @@ class MultiScaleAdapters(nn.Module):
         self.queries = nn.Parameter(torch.randn(config.num_prompts, d) * 0.02)
         self.read_text = CrossBlock(d, config.heads)
         self.level_proj = nn.ModuleList(
-            [nn.Linear(config.level_dim, d) for _ in range(config.num_levels)] + [nn.Linear(config.prompt_dim, d)])
+            [nn.Linear(dim, d) for dim in config.dims_of_levels()] + [nn.Linear(config.prompt_dim, d)])
         self.read_image = nn.ModuleList([CrossBlock(d, config.heads) for _ in config.scales])
         for index, scale in enumerate(config.scales):
             self.register_buffer(f"pos_{index}", sincos_2d(config.grid // scale, d), persistent=False)
@@ -148,7 +156,12 @@ class MultiScaleAdapters(nn.Module):
         queries = self.read_text(queries, text_tokens, key_padding=~text_mask)
         sources = [*levels, embedding]
         for index, (source, scale) in enumerate(zip(sources, self.config.scales)):
-            pooled = F.avg_pool2d(source, scale) if scale > 1 else source
+            # every source is read at grid/scale: a level finer than the embedding (SAM 2) pools more
+            kernel = source.shape[-1] // (self.config.grid // scale)
+            if kernel * (self.config.grid // scale) != source.shape[-1]:
+                raise InputError(f"adapter level {index} is {source.shape[-1]} wide, not a multiple of "
+                                 f"{self.config.grid // scale} (grid {self.config.grid} / scale {scale})")
+            pooled = F.avg_pool2d(source, kernel) if kernel > 1 else source
             flat = self.level_proj[index](pooled.flatten(2).transpose(1, 2)) + getattr(self, f"pos_{index}")
             queries = self.read_image[index](queries, flat)
         sparse = self.to_sparse(queries)

@@ -20,9 +20,7 @@ Source strings, one per component (see :mod:`llavaseg.models.sources` for ``pkg:
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from importlib import util
 from pathlib import Path
@@ -31,13 +29,20 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llavaseg.errors import CheckpointMismatchError, InputError, UntrainedError
-from llavaseg.models.sources import parse_source
-from llavaseg.paths import cache_dir
+from llavaseg.models.segmenters import SAM_SUFFIXES, build_segmenter, check_segmenter
+from llavaseg.models.sources import (
+    HUB_ID,
+    find_weights_file,
+    in_hub_cache,
+    parse_source,
+    read_json,
+    weights_search_path,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from llavaseg.models.adapters import MultiScaleAdapters
     from llavaseg.models.mllm import FrozenMLLM, Quantization
-    from llavaseg.models.sam import FrozenSAM
+    from llavaseg.models.segmenters import FrozenSegmenter
     from llavaseg.models.text_encoder import FrozenTextEncoder
 
 __all__ = ["ComponentSpec", "Components", "TrainedPart", "SAM_SUFFIXES", "weights_search_path", "find_weights_file",
@@ -45,8 +50,6 @@ __all__ = ["ComponentSpec", "Components", "TrainedPart", "SAM_SUFFIXES", "weight
            "open_text_encoder"]
 
 TrainedPart = Literal["adapters", "seg_token"]
-SAM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ComponentSpec(BaseModel):
@@ -85,7 +88,7 @@ class Components:
     ``untrained`` names the parts that are random weights (results record it)."""
 
     mllm: FrozenMLLM
-    sam: FrozenSAM
+    sam: FrozenSegmenter
     text_encoder: FrozenTextEncoder
     adapters: MultiScaleAdapters | None
     spec: ComponentSpec | None = None
@@ -96,31 +99,6 @@ class Components:
 
 
 # ------------------------------------------------------------------------------------------ cheap checks
-def weights_search_path() -> list[Path]:
-    """Folders a bare weights file name is looked up in: ``$LLAVASEG_WEIGHTS`` (``os.pathsep``-separated),
-    the current directory, then the user cache's ``weights/`` folder."""
-    extra = [Path(p).expanduser() for p in os.environ.get("LLAVASEG_WEIGHTS", "").split(os.pathsep) if p]
-    return [*extra, Path.cwd(), cache_dir("weights")]
-
-
-def find_weights_file(source: str, what: str, hint: str) -> Path:
-    """The file a (non-random) source names: a path, a ``pkg:`` source, or a bare name in the search path."""
-    parsed = parse_source(source)
-    path = parsed.path()
-    assert path is not None
-    if path.exists():
-        return path
-    if parsed.scheme == "plain" and os.sep not in source and "/" not in source:
-        for folder in weights_search_path():
-            if (folder / source).exists():
-                return folder / source
-        where = ", ".join(str(f) for f in weights_search_path())
-        raise InputError(f"{what} {source} not found (looked in {where}); {hint}")
-    if parsed.shipped:
-        raise InputError(f"the shipped {what} {source} is missing from this install ({path})")
-    raise InputError(f"{what} not found: {path}; {hint}")
-
-
 def _check_mllm(source: str) -> None:
     parsed = parse_source(source)
     if parsed.scheme == "random":
@@ -134,47 +112,11 @@ def _check_mllm(source: str) -> None:
         return
     if parsed.shipped:
         raise InputError(f"the shipped MLLM {source} is missing from this install ({path})")
-    if not _HUB_ID.match(source):
+    if not HUB_ID.match(source):
         raise InputError(f"--mllm {source}: no such folder, and not a Hugging Face id (org/name)")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(source):
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not in_hub_cache(source):
         raise InputError(f"--mllm {source}: not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE=1); "
                          "download it or pass --mllm DIR")
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return False
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-
-
-def _check_sam(source: str) -> None:
-    parsed = parse_source(source)
-    if parsed.scheme == "random":
-        from llavaseg.models.sam_spec import SAM_SPECS
-
-        if parsed.value not in SAM_SPECS:
-            raise InputError(f"unknown SAM architecture {parsed.value!r} in {source!r}; known: {sorted(SAM_SPECS)}")
-        return
-    path = find_weights_file(source, "SAM checkpoint", "download it (e.g. sam_vit_h_4b8939.pth from "
-                             "https://github.com/facebookresearch/segment-anything#model-checkpoints) and pass --sam PATH")
-    if path.is_dir():
-        config = _json(path / "config.json")
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        if kind == "sam":
-            raise InputError(f"--sam {source} is a transformers SamModel folder; this library drives segment_anything's "
-                             "classes: pass the segment_anything checkpoint (e.g. sam_vit_b_01ec64.pth)")
-        raise InputError(f"--sam {source} is a folder, not a SAM checkpoint file ({'/'.join(SAM_SUFFIXES)})")
-    if path.suffix.lower() not in SAM_SUFFIXES:
-        raise InputError(f"--sam {source}: expected a checkpoint file ({', '.join(SAM_SUFFIXES)}), got {path.name}")
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _open_clip_names() -> set[str]:
@@ -221,7 +163,7 @@ def _check_seg_token(source: str, vision_tower: str | None) -> None:
         raise InputError(f"--seg-token {source}: no such folder ({path})")
     if (path / "seg_token.json").is_file():
         return
-    config = _json(path / "config.json")
+    config = read_json(path / "config.json")
     if isinstance(config, dict) and "out_dim" in config:
         if not vision_tower or not (Path(vision_tower).expanduser() / "config.json").is_file():
             raise InputError(f"--seg-token {source} is a LISA release folder; pass --vision-tower DIR, the CLIP vision "
@@ -257,7 +199,7 @@ def check_spec(spec: ComponentSpec, *, needs: dict[str, tuple[str, ...]] | None 
                                          f"{_TRAIN_HINTS[part]}; or pass --allow-untrained for a plumbing run")
                 untrained.append(part)
     _check_mllm(spec.mllm)
-    _check_sam(spec.sam)
+    check_segmenter(spec.sam)
     _check_clip(spec.clip)
     if spec.adapters is not None:
         _check_adapters(spec.adapters)
@@ -289,19 +231,15 @@ def build_mllm(source: str, *, device: str, dtype: str | None, quantization: Qua
                                       local_files_only=path.exists())
 
 
-def build_sam(source: str, checkpoint: str | None = None, *, device: str) -> FrozenSAM:
-    """A frozen SAM from a source string. (The older form ``build_sam(spec_name, checkpoint)`` is accepted:
-    a registered spec name with an optional checkpoint.)"""
-    from llavaseg.models.sam import FrozenSAM
+def build_sam(source: str, checkpoint: str | None = None, *, device: str) -> FrozenSegmenter:
+    """A frozen segmenter (SAM or SAM 2, see :mod:`llavaseg.models.segmenters`) from a source string. (The older
+    form ``build_sam(spec_name, checkpoint)`` is accepted: a registered SAM spec name with an optional checkpoint.)"""
     from llavaseg.models.sam_spec import SAM_SPECS
 
     if source in SAM_SPECS:
         source = checkpoint or f"random:{source}"
-    parsed = parse_source(source)
-    if parsed.scheme == "random":
-        _check_sam(source)
-        return FrozenSAM.create(parsed.value, None, device=device)
-    return FrozenSAM.from_checkpoint(find_weights_file(source, "SAM checkpoint", "pass --sam PATH"), device=device)
+    check_segmenter(source)
+    return build_segmenter(source, device=device)
 
 
 def build_text_encoder(model: str, pretrained: str | None, *, device: str) -> FrozenTextEncoder:
@@ -322,17 +260,19 @@ def open_text_encoder(source: str, *, device: str) -> FrozenTextEncoder:
     return build_text_encoder(name, weights or None, device=device)
 
 
-def new_adapters(sam: FrozenSAM, text_encoder: FrozenTextEncoder, *, dim: int, heads: int,
+def new_adapters(sam: FrozenSegmenter, text_encoder: FrozenTextEncoder, *, dim: int, heads: int,
                  scales: tuple[int, ...], seed: int = 0) -> MultiScaleAdapters:
     """Randomly initialised adapters sized for ``sam`` and ``text_encoder`` (the start of training)."""
     import torch
 
     from llavaseg.models.adapters import AdapterConfig, MultiScaleAdapters
 
+    dims = tuple(sam.level_dims)
     config = AdapterConfig(
-        text_dim=text_encoder.dim, level_dim=sam.level_dim, prompt_dim=sam.prompt_dim,
-        grid=sam.spec.embedding_size, num_levels=len(sam.feature_layers), dim=dim, heads=heads,
-        scales=tuple(scales), sam_identity=sam.identity(), text_encoder_identity=text_encoder.identity())
+        text_dim=text_encoder.dim, level_dim=dims[0], prompt_dim=sam.prompt_dim, grid=sam.grid,
+        num_levels=len(dims), dim=dim, heads=heads, scales=tuple(scales),
+        level_dims=dims if len(set(dims)) > 1 else (),  # SAM 1 configs stay as they were
+        sam_identity=sam.identity(), text_encoder_identity=text_encoder.identity())
     torch.manual_seed(seed)
     return MultiScaleAdapters(config).to(sam.device)
 

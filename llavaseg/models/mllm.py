@@ -19,7 +19,7 @@ import json
 import pickle
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -84,10 +84,19 @@ class Conversation:
     first_prompts: list[str]
     rows: list[list[int]]
     pixel_values: torch.Tensor
-    extra: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor]  # per-image processor outputs (image_grid_thw, image_sizes, ...)
     reuse_cache: bool
     cache: Any = None
     image_features: list[torch.Tensor] | None = None  # per-image encoder outputs, replacing pixel_values
+    # Per-token processor outputs (Qwen-VL's mm_token_type_ids, Gemma 3's token_type_ids), one unpadded list per
+    # row, kept the same length as ``rows``: every token added after the first prompt is text (0).
+    token_rows: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def extend(self, index: int, ids: list[int]) -> None:
+        """Append ``ids`` (text) to conversation ``index`` and to its per-token processor outputs."""
+        self.rows[index] = self.rows[index] + ids
+        for values in self.token_rows.values():
+            values[index] = values[index] + [0] * len(ids)
 
 
 def control_tokens(processor: Any) -> list[str]:
@@ -124,6 +133,7 @@ class FrozenMLLM:
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self._features_supported: bool | None = None
+        self._features_stacked = False
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
@@ -164,7 +174,7 @@ class FrozenMLLM:
             model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), **kwargs)
         except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # damaged or refused weights file
             raise weights_error("MLLM weights in", name_or_path, exc) from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:  # ImportError: a processor needing a package (num2words)
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedError(f"cannot load MLLM {name_or_path!s}: {first_line}") from None
         if quantization is None:
@@ -235,8 +245,10 @@ class FrozenMLLM:
         if image_features is not None:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+            features = [feature.to(self.device) for feature in image_features]
+            # handed back in the form the model's get_image_features returned: one stacked tensor or a list
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-                pooler_output=[feature.to(self.device) for feature in image_features])}
+                pooler_output=torch.stack(features) if self._features_stacked else features)}
         for key, value in (extra or {}).items():
             kwargs[key] = value.to(self.device)
         with torch.inference_mode():
@@ -263,6 +275,7 @@ class FrozenMLLM:
                     output = self.model.get_image_features(
                         pixel_values=pixel_values[missing].to(self.device, dtype=self.model.dtype),
                         return_dict=True, **{k: v.to(self.device) for k, v in subset.items()})
+                self._features_stacked = isinstance(output.pooler_output, torch.Tensor)
                 features = list(output.pooler_output)
                 if len(features) != len(missing):
                     raise ValueError("one feature tensor per image expected")
@@ -295,16 +308,31 @@ class FrozenMLLM:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         for prompt in prompts:
             self.check_prompt(prompt)
-        pil_images = [Image.fromarray(image) for image in images]
         texts = [self.render_chat([], prompt) for prompt in prompts]
-        inputs = self.processor(images=pil_images, text=texts, return_tensors="pt", padding=True)
+        inputs = self._processor_inputs([Image.fromarray(image) for image in images], texts)
         pixel_values = inputs.pop("pixel_values")
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-        state = Conversation(first_prompts=list(prompts), rows=rows, pixel_values=pixel_values, extra=extra,
-                             reuse_cache=reuse_cache and len(images) == 1,
-                             image_features=self._cached_image_features(images, pixel_values, extra))
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask").bool()
+        per_token = {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+        extra = {k: v for k, v in inputs.items() if k not in per_token}
+        state = Conversation(first_prompts=list(prompts), rows=[row[keep].tolist() for row, keep in zip(ids, mask)],
+                             pixel_values=pixel_values, extra=extra, reuse_cache=reuse_cache and len(images) == 1,
+                             token_rows={k: [row[keep].tolist() for row, keep in zip(inputs[k], mask)]
+                                         for k in per_token})
+        if pixel_values.shape[0] == len(images):  # one row per image (not patches or tiles): features can be cached
+            state.image_features = self._cached_image_features(images, pixel_values, extra)
         return self._advance(state, max_new_tokens), state
+
+    def _processor_inputs(self, images: list[Image.Image], texts: list[str]) -> dict[str, Any]:
+        """The processor's batch for one image per text. Some processors (Gemma 3) take a batch of images as
+        one list per text; that form is tried when the flat one is refused."""
+        try:
+            return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+        except ValueError as flat_error:
+            try:
+                return dict(self.processor(images=[[image] for image in images], text=texts, return_tensors="pt",
+                                           padding=True))
+            except ValueError:
+                raise flat_error from None
 
     def follow_up(self, state: Conversation, prompts: list[str], *, max_new_tokens: int | None = None) -> list[str]:
         """Next user turn of every conversation in ``state`` (continues its token ids and, if kept, its cache)."""
@@ -317,27 +345,29 @@ class FrozenMLLM:
             if self._template_ends_answers_with_eos(state.first_prompts[index], prompt):
                 # The answer row already ends with EOS (appended in _advance); do not tokenise it twice.
                 suffix = suffix.lstrip(" ")[len(self.tokenizer.eos_token):]
-            state.rows[index] = state.rows[index] + self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            state.extend(index, self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
         return self._advance(state, max_new_tokens)
 
     def _advance(self, state: Conversation, max_new_tokens: int | None) -> list[str]:
         max_new_tokens = max_new_tokens or self.max_new_tokens
         input_ids, attention_mask = self._left_pad(state.rows)
+        extra = {**state.extra, **{key: self._left_pad(rows, pad=0)[0] for key, rows in state.token_rows.items()}}
         if state.cache is not None:
-            output = self._generate(input_ids, attention_mask, max_new_tokens, past_key_values=state.cache)
+            output = self._generate(input_ids, attention_mask, max_new_tokens, past_key_values=state.cache,
+                                    extra={k: v for k, v in extra.items() if k in state.token_rows})
         elif state.image_features is not None:
-            output = self._generate(input_ids, attention_mask, max_new_tokens, extra=state.extra,
+            output = self._generate(input_ids, attention_mask, max_new_tokens, extra=extra,
                                     image_features=state.image_features)
         else:
             output = self._generate(input_ids, attention_mask, max_new_tokens, pixel_values=state.pixel_values,
-                                    extra=state.extra)
+                                    extra=extra)
         answers = []
         eos = self.tokenizer.eos_token_id
         for index, new_ids in enumerate(output.sequences[:, input_ids.shape[1]:].tolist()):
             answer_ids = self._strip(new_ids)
             answers.append(self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip())
             # In the conversation an answer always ends with end-of-sequence, emitted or not.
-            state.rows[index] = state.rows[index] + answer_ids + [eos]
+            state.extend(index, answer_ids + [eos])
         if state.reuse_cache:
             # The cache holds keys/values of every fed or generated position but the last. Keep the longest
             # prefix that agrees with the conversation ids (generation may have emitted tokens the answer drops);
@@ -375,9 +405,9 @@ class FrozenMLLM:
         eos_text = self.tokenizer.eos_token or ""
         return bool(eos_text) and suffix.lstrip(" ").startswith(eos_text)
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _left_pad(self, rows: list[list[int]], pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(row) for row in rows)
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id if pad is None else pad
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for index, row in enumerate(rows):

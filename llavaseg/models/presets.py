@@ -40,6 +40,9 @@ class Preset(ComponentSpec):
 
 
 _REAL_ADAPTERS = {"adapter_dim": 256, "adapter_heads": 8, "adapter_scales": (8, 4, 2, 2, 1)}
+# SAM 2's two pyramid levels (strides 4 and 8) are read at 1/4 and 1/2 of the 64 x 64 embedding grid, then the
+# embedding itself: the same token counts per level as SAM 1's coarsest three.
+_SAM2_ADAPTERS = {"adapter_dim": 256, "adapter_heads": 8, "adapter_scales": (4, 2, 1)}
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -62,6 +65,16 @@ PRESETS: dict[str, Preset] = {
         name="qwen2.5-vl-7b", mllm="Qwen/Qwen2.5-VL-7B-Instruct", sam="sam_vit_h_4b8939.pth",
         clip="ViT-L-14:openai", **_REAL_ADAPTERS,
         description="Qwen2.5-VL-7B-Instruct + SAM ViT-H + CLIP ViT-L/14 (openai); weights must be available locally"),
+    "qwen2.5-vl-7b-sam2.1": Preset(
+        name="qwen2.5-vl-7b-sam2.1", mllm="Qwen/Qwen2.5-VL-7B-Instruct", sam="facebook/sam2.1-hiera-large",
+        clip="ViT-L-14:openai", **_SAM2_ADAPTERS,
+        description="Qwen2.5-VL-7B-Instruct + SAM 2.1 hiera-large + CLIP ViT-L/14 (openai); weights must be "
+                    "available locally"),
+    "qwen3-vl-8b-sam2.1": Preset(
+        name="qwen3-vl-8b-sam2.1", mllm="Qwen/Qwen3-VL-8B-Instruct", sam="facebook/sam2.1-hiera-large",
+        clip="ViT-L-14:openai", **_SAM2_ADAPTERS,
+        description="Qwen3-VL-8B-Instruct + SAM 2.1 hiera-large + CLIP ViT-L/14 (openai); weights must be "
+                    "available locally"),
 }
 
 

@@ -123,6 +123,8 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec,
 class FrozenSAM:
     """Frozen ``Sam`` with cached per-image features and a decoder that accepts prompt embeddings."""
 
+    family = "sam"
+
     def __init__(self, sam: Sam, spec: SamSpec, *, name: str | None = None,
                  feature_layers: tuple[int, ...] | None = None, cache_size: int = 32,
                  disk_cache: str | Path | None = None, half_encoder: bool | None = None) -> None:
@@ -192,6 +194,25 @@ class FrozenSAM:
     @property
     def level_dim(self) -> int:
         return self.spec.encoder_embed_dim
+
+    @property
+    def level_dims(self) -> tuple[int, ...]:
+        """Channels of each multi-scale level the adapters read (the ViT blocks named by ``feature_layers``)."""
+        return (self.spec.encoder_embed_dim,) * len(self.feature_layers)
+
+    @property
+    def grid(self) -> int:
+        """Side of the image embedding (64 for the published models)."""
+        return self.spec.embedding_size
+
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.sam.mask_threshold)
+
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        """The frozen mask decoder (the ``[SEG]`` route trains a copy of it)."""
+        return self.sam.mask_decoder
 
     def identity(self) -> dict[str, str]:
         """Architecture and a weight fingerprint: adapters trained for one SAM are refused by another."""
@@ -283,29 +304,34 @@ class FrozenSAM:
         return self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, grid, grid)
 
     def decode(self, features: SamImageFeatures, sparse: torch.Tensor, dense: torch.Tensor | None = None,
-               multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               multimask_output: bool = False, decoder: torch.nn.Module | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompt sets against ONE image: sparse ``B x N x C``, dense ``B x C x g x g`` or None.
 
         Returns low-resolution mask logits ``B x M x 4g x 4g`` and IoU predictions ``B x M`` (M = 1, or 3 with
         ``multimask_output``). Gradients flow through the frozen decoder into the prompts (for adapter training).
+        ``decoder`` replaces the frozen mask decoder (the ``[SEG]`` route's trainable copy); inputs then move to
+        its device and dtype.
         """
+        decoder = decoder if decoder is not None else self.sam.mask_decoder
+        weight = decoder.iou_token.weight
         batch = sparse.shape[0]
         if dense is None:
             dense = self.no_mask_dense(batch)
-        dtype = self.sam.mask_decoder.iou_token.weight.dtype
-        return self.sam.mask_decoder(
-            image_embeddings=features.embedding.to(dtype),
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
+        return decoder(
+            image_embeddings=features.embedding.to(device=weight.device, dtype=weight.dtype),
+            image_pe=self.sam.prompt_encoder.get_dense_pe().to(device=weight.device, dtype=weight.dtype),
+            sparse_prompt_embeddings=sparse.to(device=weight.device, dtype=weight.dtype),
+            dense_prompt_embeddings=dense.to(device=weight.device, dtype=weight.dtype),
             multimask_output=multimask_output,
         )
 
-    def upscale(self, low_res: torch.Tensor, features: SamImageFeatures) -> torch.Tensor:
-        """Mask logits at the original image size (``B x M x H x W``), as ``Sam.postprocess_masks``."""
-        return self.sam.postprocess_masks(low_res, features.input_size, features.original_size)
+    def upscale(self, low_res: torch.Tensor, features: SamImageFeatures,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mask logits at the original image size (or ``size``), ``B x M x H x W``, as ``Sam.postprocess_masks``."""
+        return self.sam.postprocess_masks(low_res, features.input_size, size or features.original_size)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the features it caches may later be used in autograd
     def predict_boxes(self, image: np.ndarray, boxes: np.ndarray, multimask_output: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Masks for XYXY boxes in original-image pixels (the promptable-segmenter path, e.g. oracle boxes)."""
@@ -316,7 +342,7 @@ class FrozenSAM:
         low, iou = self.decode(features, sparse, dense, multimask_output)
         return (self.upscale(low, features) > self.sam.mask_threshold).cpu().numpy(), iou.cpu().numpy()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict_points(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
                        multimask_output: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Masks for point prompts: ``points`` B x N x 2 (x, y) in original pixels, ``labels`` B x N."""

@@ -11,12 +11,22 @@ Forms (anything else is a hub id, a registry name or a plain local path, left to
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["Source", "parse_source", "resolve_path"]
+from llavaseg.errors import InputError
+from llavaseg.paths import cache_dir
+
+__all__ = ["Source", "parse_source", "resolve_path", "weights_search_path", "find_weights_file", "in_hub_cache",
+           "read_json", "HUB_ID"]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""A Hugging Face repository id (``org/name``)."""
 
 Scheme = Literal["package", "shipped-adapters", "local-dir", "random", "plain"]
 _PREFIXES: tuple[tuple[str, Scheme], ...] = (("pkg-adapters:", "shipped-adapters"), ("pkg:", "package"),
@@ -76,3 +86,42 @@ def resolve_path(spec: str | Path) -> Path:
         raise ValueError(f"{spec!r} names random weights, not a file")
     return path
 
+
+def weights_search_path() -> list[Path]:
+    """Folders a bare weights file name is looked up in: ``$LLAVASEG_WEIGHTS`` (``os.pathsep``-separated),
+    the current directory, then the user cache's ``weights/`` folder."""
+    extra = [Path(p).expanduser() for p in os.environ.get("LLAVASEG_WEIGHTS", "").split(os.pathsep) if p]
+    return [*extra, Path.cwd(), cache_dir("weights")]
+
+
+def find_weights_file(source: str, what: str, hint: str) -> Path:
+    """The file a (non-random) source names: a path, a ``pkg:`` source, or a bare name in the search path."""
+    parsed = parse_source(source)
+    path = parsed.path()
+    assert path is not None
+    if path.exists():
+        return path
+    if parsed.scheme == "plain" and os.sep not in source and "/" not in source:
+        for folder in weights_search_path():
+            if (folder / source).exists():
+                return folder / source
+        where = ", ".join(str(f) for f in weights_search_path())
+        raise InputError(f"{what} {source} not found (looked in {where}); {hint}")
+    if parsed.shipped:
+        raise InputError(f"the shipped {what} {source} is missing from this install ({path})")
+    raise InputError(f"{what} not found: {path}; {hint}")
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -67,7 +67,7 @@ class LLaVASegRoute:
             features = self.sam.encode_batch(images)
         with timer.stage("adapters_decoder"), torch.inference_mode():
             low_res, ious = adapter_mask_logits(self.adapters, self.sam, features, text, text_mask)
-            masks = [(self.sam.upscale(low_res[i: i + 1], f)[0, 0] > self.sam.sam.mask_threshold).cpu().numpy()
+            masks = [(self.sam.upscale(low_res[i: i + 1], f)[0, 0] > self.sam.mask_threshold).cpu().numpy()
                      for i, f in enumerate(features)]
         per_item = timer.per_item(len(images))
         results = []

@@ -175,7 +175,7 @@ def predict(model: SegTokenModel, images: list[np.ndarray], queries: list[str], 
         predictions = []
         for image, feature, seg in zip(images, features, passes):
             logits, iou = model.decode(feature, model.project(seg.hidden))
-            masks = (logits > model.sam.sam.mask_threshold).cpu().numpy()
+            masks = (logits > model.sam.mask_threshold).cpu().numpy()
             if masks.shape[0] == 0:
                 masks = np.zeros((0, image.shape[0], image.shape[1]), dtype=bool)
             predictions.append(SegPrediction(prompt=seg.prompt, text=seg.text, masks=masks,

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from llavaseg.errors import CheckpointMismatchError
+from llavaseg.errors import CheckpointMismatchError, UnsupportedError
 from llavaseg.models.chat_templates import llava_chat_template
 from llavaseg.models.common import (
     WEIGHT_FILE_ERRORS,
@@ -273,6 +273,9 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
     from transformers import CLIPImageProcessor, CLIPVisionModel, LlavaProcessor
 
     directory = Path(directory).expanduser()
+    if getattr(sam, "family", "sam") != "sam":
+        raise UnsupportedError(f"{directory}: LISA releases were trained with SAM ViT-H and carry its mask decoder; "
+                               f"they cannot drive {sam.name} ({sam.family}); pass --sam sam_vit_h_4b8939.pth")
     config = _read_config(directory)
     state = read_lisa_state_dict(directory)
     mapping = map_lisa_state_dict(state)

@@ -201,17 +201,8 @@ class SegTokenModel(nn.Module):
         n = prompts.shape[0]
         if n == 0:
             return prompts.new_zeros((0, height, width)), prompts.new_zeros((0,))
-        prompt_encoder = self.sam.sam.prompt_encoder
-        dtype = self.mask_decoder.iou_token.weight.dtype
-        device = self.mask_decoder.iou_token.weight.device
-        low, iou = self.mask_decoder(
-            image_embeddings=features.embedding.to(device=device, dtype=dtype),
-            image_pe=prompt_encoder.get_dense_pe().to(device=device, dtype=dtype),
-            sparse_prompt_embeddings=prompts[:, None, :].to(dtype),
-            dense_prompt_embeddings=self.sam.no_mask_dense(n).to(device=device, dtype=dtype),
-            multimask_output=False,
-        )
-        logits = self.sam.sam.postprocess_masks(low, features.input_size, (height, width))
+        low, iou = self.sam.decode(features, prompts[:, None, :], multimask_output=False, decoder=self.mask_decoder)
+        logits = self.sam.upscale(low, features, (height, width))
         return logits[:, 0], iou[:, 0]
 
     # -------------------------------------------------------------------------------------------- dialogue
@@ -270,7 +261,7 @@ def create_seg_token_model(mllm: FrozenMLLM, sam: FrozenSAM, *, lora: LoraSettin
         _check_lora_targets(llm)
     hidden = llava.config.get_text_config().hidden_size
     mlp = text_hidden_fcs(hidden, sam.prompt_dim).to(mllm.device)
-    decoder = copy.deepcopy(sam.sam.mask_decoder)
+    decoder = copy.deepcopy(sam.mask_decoder)
     config = SegTokenConfig(seg_token_id=seg_id, base_vocab_size=base_vocab, vocab_size=len(tokenizer),
                             hidden_size=hidden, prompt_dim=sam.prompt_dim, lora=lora, base_mllm=base_identity,
                             sam=sam.identity(), seed=seed)

@@ -31,7 +31,7 @@ def evaluate_cached(adapters: MultiScaleAdapters, sam: FrozenSAM, cache: Feature
             logits = predict_logits(adapters, sam, features, texts)
             for sample, logit in zip(chunk, logits):
                 entry = sample.entry
-                accumulator.add_masks((logit > sam.sam.mask_threshold).cpu().numpy(), sample.mask,
+                accumulator.add_masks((logit > sam.mask_threshold).cpu().numpy(), sample.mask,
                                       query_id=entry.query_id, is_sentence=entry.is_sentence,
                                       sample=entry.sample_id, text_index=entry.text_index)
     finally:
