@@ -1,21 +1,28 @@
-"""Loading LISA release checkpoints: key mapping on a tiny state dict written in LISA's naming scheme."""
+"""Loading LISA release checkpoints: key mapping on a tiny state dict written in LISA's naming scheme.
+
+The release folder is built by ``tests/lisa_release_files.py`` in LISA's exact saved layout (bf16 ``.bin``
+shards, LISA's ``config.json``, a SentencePiece ``tokenizer.model`` with 4.31's tokenizer files); the end-to-end
+tokenisation and ``[SEG]`` checks against LISA's own code paths are in ``tests/test_lisa_release.py``.
+"""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
+from lisa_release_files import (
+    lisa_config,
+    lisa_state_dict,
+    round_to_bf16_,
+    train_sentencepiece,
+    write_lisa_release,
+)
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from llavaseg.errors import CheckpointMismatchError
@@ -29,57 +36,33 @@ torch.set_num_threads(1)
 HIDDEN, VISION = 32, 24
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<unk>", "<s>", "</s>", "USER", "ASSISTANT", ":", "the", "red", "circle", "is", "It", ".", "What", "?"]
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>")
-    tokenizer.add_tokens("[SEG]")  # LISA: add_tokens("[SEG]"), then <im_start>/<im_end> as special tokens
-    tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def lisa(tmp_path_factory):
     """A LISA-format release directory (merged LLM, no vision tower) plus a CLIP vision directory."""
+    sentencepiece = pytest.importorskip("sentencepiece")  # the lisa extra: LISA releases hold tokenizer.model
     root = tmp_path_factory.mktemp("lisa")
     sam = build_sam("tiny", None, device="cpu")
-    tokenizer = _tokenizer()
+    model_bytes = train_sentencepiece()
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=model_bytes).get_piece_size() + 3
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=256)).eval()
-    projector = torch.nn.Linear(VISION, HIDDEN)
-    fcs = text_hidden_fcs(HIDDEN, sam.prompt_dim)
-    decoder_state = {k: v + 0.01 for k, v in sam.sam.mask_decoder.state_dict().items()}  # "fine-tuned"
-    state = {k: v.clone() for k, v in llama.state_dict().items()}  # model.embed_tokens / model.layers / lm_head
-    state.update({"model.mm_projector.weight": projector.weight.data.clone(),
-                  "model.mm_projector.bias": projector.bias.data.clone(),
-                  "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
-                  "model.some_new_thing.weight": torch.zeros(2)})
-    state.update({f"model.text_hidden_fcs.0.{k}": v.clone() for k, v in fcs.state_dict().items()})
-    state.update({f"model.visual_model.mask_decoder.{k}": v for k, v in decoder_state.items()})
-    for part in ("image_encoder", "prompt_encoder"):
-        state.update({f"model.visual_model.{part}.{k}": v.clone()
-                      for k, v in getattr(sam.sam, part).state_dict().items()})
-    checkpoint = root / "LISA-tiny"
-    checkpoint.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint / "model.safetensors"))
-    tokenizer.save_pretrained(str(checkpoint))
-    (checkpoint / "config.json").write_text(json.dumps({
-        "architectures": ["LISAForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": len(tokenizer), "rms_norm_eps": 1e-6,
-        "max_sequence_length": 256, "mm_hidden_size": VISION, "mm_use_im_start_end": True,
-        "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14", "out_dim": sam.prompt_dim,
-        "train_mask_decoder": True}))
+    llama = round_to_bf16_(LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=2048)).eval())
+    projector = round_to_bf16_(torch.nn.Linear(VISION, HIDDEN))
+    fcs = round_to_bf16_(text_hidden_fcs(HIDDEN, sam.prompt_dim))
+    decoder_state = {k: (v + 0.01).to(torch.bfloat16).float()  # "fine-tuned", bf16 as LISA saves it
+                     for k, v in sam.sam.mask_decoder.state_dict().items()}
+    state = lisa_state_dict(llama, projector, fcs, sam, decoder_state)
+    state["model.some_new_thing.weight"] = torch.zeros(2)
+    config = lisa_config(hidden=HIDDEN, layers=2, heads=4, intermediate=64, vision=VISION, vocab=vocab,
+                         out_dim=sam.prompt_dim)
+    checkpoint = write_lisa_release(root / "LISA-tiny", state, config, model_bytes)
     clip_dir = root / "clip"
     CLIPVisionModel(CLIPVisionConfig(hidden_size=VISION, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(str(clip_dir))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(clip_dir))
     return {"dir": checkpoint, "clip": clip_dir, "sam": sam, "state": state, "llama": llama, "projector": projector,
-            "fcs": fcs, "decoder": decoder_state, "tokenizer": tokenizer}
+            "fcs": fcs, "decoder": decoder_state, "vocab": vocab}
 
 
 def test_key_mapping_sorts_every_lisa_tensor(lisa):
@@ -93,7 +76,8 @@ def test_key_mapping_sorts_every_lisa_tensor(lisa):
     assert set(mapping.text_hidden_fcs) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert set(mapping.mask_decoder) == set(lisa["decoder"])
     assert all(k.startswith(("image_encoder.", "prompt_encoder.")) for k in mapping.frozen_sam)
-    assert set(mapping.unmapped) == {"model.layers.0.self_attn.rotary_emb.inv_freq", "model.some_new_thing.weight"}
+    assert set(mapping.unmapped) == {"model.layers.0.self_attn.rotary_emb.inv_freq",
+                                     "model.layers.1.self_attn.rotary_emb.inv_freq", "model.some_new_thing.weight"}
     n_llm = sum(1 for k in lisa["state"] if k.startswith(("model.layers.", "model.embed_tokens", "model.norm",
                                                            "lm_head")) and not k.endswith("inv_freq"))
     assert len(mapping.llava) == n_llm + 4  # + linear_1 (2) + identity linear_2 (2)
@@ -111,12 +95,11 @@ def test_mlp2x_gelu_projector_and_vision_tower_keys_map():
 def test_loaded_lisa_model_reproduces_the_llm_and_segments(lisa):
     model = load_lisa_checkpoint(lisa["dir"], lisa["clip"], lisa["sam"])
     tokenizer = model.tokenizer
-    assert model.seg_token_id == lisa["tokenizer"].convert_tokens_to_ids("[SEG]")
+    assert model.seg_token_id == lisa["vocab"] - 3 == tokenizer.convert_tokens_to_ids("[SEG]")
     assert not model.is_lora and model.config.source.startswith("lisa:")
-    ids = torch.tensor([tokenizer("USER : What is the red circle ? ASSISTANT : It is [SEG] .",
-                                  add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tokenizer("USER: What is the red circle? ASSISTANT: It is [SEG].")["input_ids"]])
     with torch.no_grad():
-        ours = model.llava(input_ids=ids).logits[0, :, : len(lisa["tokenizer"])]
+        ours = model.llava(input_ids=ids).logits[0, :, : lisa["vocab"]]
         theirs = lisa["llama"](input_ids=ids).logits[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
     features = torch.randn(1, 5, VISION)
@@ -127,7 +110,9 @@ def test_loaded_lisa_model_reproduces_the_llm_and_segments(lisa):
     prompt = model.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "the red circle"}]}],
         add_generation_prompt=True, tokenize=False)
-    assert "USER: <im_start><image><im_end>\nthe red circle ASSISTANT:" in prompt
+    assert prompt == ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                      "helpful, detailed, and polite answers to the human's questions. USER: "
+                      "<im_start><image><im_end>\n the red circle ASSISTANT:")
     image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     result = predict(model, [image], ["the red circle"], protocol="teacher-forced")[0]
     assert result.masks.shape == (1, 40, 60)

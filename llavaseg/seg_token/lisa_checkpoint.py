@@ -30,23 +30,49 @@ How keys map (implemented by :func:`map_lisa_state_dict`, tested on a generated 
     ``model.visual_model.mask_decoder.*``                    ``mask_decoder.*`` (this model's decoder copy)
     ``model.visual_model.image_encoder.*``, ``prompt_encoder.*``  not loaded: LISA keeps them frozen, so they must
                                                             equal the shared :class:`FrozenSAM` (SAM ViT-H
-                                                            ``sam_vit_h_4b8939.pth``); a difference is refused
+                                                            ``sam_vit_h_4b8939.pth``) in the saved dtype or
+                                                            after rounding both to bf16 (LISA trains in bf16,
+                                                            so fp32 copies of its weights hold bf16 values);
+                                                            a difference is refused
     ``*.rotary_emb.inv_freq``                                dropped (recomputed buffers)
     anything else                                           reported in ``LisaKeyMapping.unmapped``
     ======================================================  =================================================
 
+How LISA's prompts are tokenised (reproduced exactly; :class:`LisaLlamaTokenizer`)
+    LISA runs transformers 4.31 with ``use_fast=False``: the slow ``LlamaTokenizer`` (``legacy=True``, the 4.31
+    default and what LISA's saved ``tokenizer_config.json`` says) read from ``tokenizer.model``, under LLaVA's
+    ``tokenizer_image_token`` (the prompt is split on ``<image>``, each chunk tokenised with BOS, the BOS of every
+    chunk but the first dropped, ``IMAGE_TOKEN_INDEX`` = -200 between chunks). Two 4.31 rules matter:
+
+    * tokens added with ``add_tokens`` (``[SEG]``, ``<im_start>``, ``<im_end>``; plain strings in 4.31, not
+      ``AddedToken``) **strip the whitespace on both sides**: ``"USER: <im_start>"`` ends in ``":"``, and
+      ``"<im_end>\\n What"`` continues with ``"\u2581What"``: the newline after the image never reaches the model;
+    * every text piece between added tokens is a fresh SentencePiece input, so it gets the dummy ``"\u2581"``
+      prefix (``"[SEG]."`` is ``[SEG]``, ``"\u2581"``, ``"."``).
+
+    transformers 5's own LLaMA tokenizer (``AutoTokenizer`` on the same folder) keeps those spaces and newline,
+    so on LISA's validation prompt it differs at three positions, one of them the token whose hidden state is
+    the ``[SEG]`` embedding (``" "`` instead of ``":"``). Here ``<image>`` becomes ``image_seq_length`` placeholder
+    ids (a token appended to LISA's vocabulary) instead of one -200: LISA's model splices its 256 CLIP features
+    in place of the -200, transformers scatters them into the placeholder rows, so the embedded
+    sequences are the same and the hidden states align 1:1 with ``input_ids`` (no 255-pad needed).
+
+Prompt text
+    ``conv_llava_v1`` of LISA's ``model/llava/conversation.py`` (system line "A chat between a curious human
+    ...", ``USER``/``ASSISTANT``, sep ``" "``, sep2 ``"</s>"``) with the user turn of LISA's ``ValDataset``:
+    ``"<im_start><image><im_end>\\n {text}"``, its leading space included. ``chat.py`` writes ``"\\n" + text``
+    (no space); under the rules above both give the same ids whenever ``<im_end>`` follows the image (every v1
+    release); for a folder with ``mm_use_im_start_end: false`` the space changes the first piece
+    (``"\u2581What"`` vs ``"What"``) and the validation text, which produced LISA's numbers, is followed.
+
 What does not carry over exactly
-    * Tokenisation of the prompt: LISA tokenises the text around ``<image>`` chunk-wise (``tokenizer_image_token``,
-      slow LLaMA tokenizer) and splices 256 CLIP features in place of the ``-200`` image id; here the processor
-      expands ``<image>`` into 256 placeholder ids (a token appended to LISA's vocabulary) inside
-      ``<im_start>...<im_end>``. The hidden states align with ``input_ids`` 1:1, so no 255-pad is needed, but
-      whitespace tokens next to ``<image>`` may differ from LISA's, which can shift outputs slightly.
-    * The chat template is LLaVA v1's (``llava_v1``: system line, ``USER:``/``ASSISTANT:``, ``</s>`` after answers)
-      written as a Jinja template; LISA's ``chat.py`` builds the same text with its conversation class.
     * Vision features use CLIP layer ``mm_vision_select_layer`` (-2) without the CLS token, as LISA's
-      ``CLIPVisionTower`` (``select_feature="patch"``) = transformers' ``vision_feature_select_strategy="default"``.
+      ``CLIPVisionTower`` (``select_feature="patch"``) = transformers' ``vision_feature_select_strategy="default"``;
+      another ``mm_vision_select_feature`` is refused.
+    * LISA runs in bf16 on a GPU; here the dtype is the caller's (fp32 on CPU by default).
     * Loading needs the real weights locally (about 15 GB for 7B in bf16, plus SAM ViT-H and CLIP ViT-L/14);
-      released ``pytorch_model*.bin`` shards are read with ``torch.load(weights_only=True)``.
+      released ``pytorch_model*.bin`` shards are read with ``torch.load(weights_only=True)``. Reading
+      ``tokenizer.model`` needs ``sentencepiece`` (the ``lisa`` extra).
     * LISA v1 checkpoints were trained on ReasonSeg train+val: never report val numbers with them (``docs/lisa.md`` §4).
 """
 
@@ -63,31 +89,55 @@ from typing import Any
 import torch
 
 from llavaseg.errors import CheckpointMismatchError, UnsupportedError
-from llavaseg.models.chat_templates import llava_chat_template
 from llavaseg.models.common import (
     WEIGHT_FILE_ERRORS,
     state_dict_mismatch,
     weights_error,
 )
 from llavaseg.models.sam import FrozenSAM
+from llavaseg.seg_token.lisa_tokenizer import (
+    IM_END,
+    IM_START,
+    IMAGE,
+    IMAGE_TOKEN_INDEX,
+    LisaLlamaTokenizer,
+    lisa_input_ids,
+    lisa_tokenizer,
+)
 from llavaseg.seg_token.model import (
     SegTokenConfig,
     SegTokenModel,
-    add_seg_token,
     text_hidden_fcs,
 )
 from llavaseg.seg_token.prompts import SEG_TOKEN
 
-IM_START, IM_END, IMAGE = "<im_start>", "<im_end>", "<image>"
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+"""``conv_llava_v1.system`` (LISA's ``--conv_type`` default ``llava_v1``; "curious user" is ``conv_vicuna_v1``)."""
 
-LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 def llava_v1_chat_template(use_im_start_end: bool) -> str:
-    """LLaVA v1's ``llava_v1`` conversation (sep " ", sep2 "</s>") as a chat template for ``LlavaProcessor``."""
-    image = f"{IM_START}{IMAGE}{IM_END}\n" if use_im_start_end else f"{IMAGE}\n"
-    return llava_chat_template(system=LLAVA_V1_SYSTEM, image=image)
+    """LISA's ``conv_llava_v1`` as a chat template for ``LlavaProcessor``: ``{system} USER: {user} ASSISTANT:
+    {answer}</s>USER: ...`` (``get_prompt()`` of ``SeparatorStyle.TWO``, sep " ", sep2 "</s>"), the user turn written
+    as LISA's ``ValDataset`` writes it, ``<image>\\n {text}`` (see the module docstring for why that equals
+    ``chat.py``'s ``<image>\\n{text}`` under LISA's tokenizer).
+
+    Every literal is emitted as a Jinja expression: transformers renders templates with ``lstrip_blocks``, which
+    would eat the space after ``"\\n"`` if it stood as raw text before a ``{% ... %}`` tag."""
+    image = json.dumps((f"{IM_START}{IMAGE}{IM_END}" if use_im_start_end else IMAGE) + "\n ")
+    texts = ("{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+             "{% endfor %}")
+    return (
+        "{{ " + json.dumps(LLAVA_V1_SYSTEM + " ") + " }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ " + image + " }}{% endif %}{% endfor %}"
+        + texts + "{{ ' ' }}"
+        "{% else %}{{ 'ASSISTANT: ' }}" + texts + "{{ '</s>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
 
 
 @dataclass
@@ -186,13 +236,32 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
+def _sam_tensor_problem(tensor: torch.Tensor, reference: torch.Tensor | None) -> str | None:
+    """Why a frozen-SAM tensor of a LISA checkpoint is not the shared SAM's, or None when it is.
+
+    LISA trains in bf16, so its saved ``visual_model`` tensors are SAM ViT-H rounded to bf16: equal in the
+    saved dtype (a bf16 file) or, for an fp32/fp16 copy of those weights, only after rounding both to bf16."""
+    if reference is None:
+        return "has no counterpart in"
+    if tuple(reference.shape) != tuple(tensor.shape):
+        return f"has shape {tuple(tensor.shape)}, not {tuple(reference.shape)} as in"
+    saved, ours = tensor.detach().cpu(), reference.detach().cpu()
+    if torch.equal(ours.to(saved.dtype), saved):
+        return None
+    if saved.is_floating_point() and torch.equal(ours.to(torch.bfloat16), saved.to(torch.bfloat16)):
+        return None
+    return "differs, even after rounding both to bf16 (LISA's training precision), from"
+
+
 def _check_frozen_sam(mapping: LisaKeyMapping, sam: FrozenSAM, directory: Path) -> None:
+    """Refuse a LISA checkpoint whose frozen SAM image/prompt encoder is not the shared SAM (they are not loaded:
+    the shared one is used, so it must be the one LISA was trained with)."""
     reference = sam.sam.state_dict()
     for key, tensor in mapping.frozen_sam.items():
-        if key not in reference or reference[key].shape != tensor.shape or not torch.equal(
-                reference[key].to(tensor.dtype).cpu(), tensor.cpu()):
+        problem = _sam_tensor_problem(tensor, reference.get(key))
+        if problem is not None:
             raise CheckpointMismatchError(
-                f"{directory}: LISA's frozen SAM tensor {key} differs from the shared SAM {sam.name}; "
+                f"{directory}: LISA's frozen SAM tensor {key} {problem} the shared SAM {sam.name}; "
                 "load the SAM LISA was trained with (sam_vit_h_4b8939.pth)")
 
 
@@ -205,21 +274,6 @@ def _identity(directory: Path, config: dict[str, Any], state: dict[str, torch.Te
             "weights": weights.hexdigest()}
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def _lisa_tokenizer(directory: Path, vocab_size: int) -> tuple[Any, int, int]:
-    """LISA's saved tokenizer (``[SEG]`` checked) plus our ``<image>`` placeholder; (tokenizer, seg id, image id)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token  # LISA: pad = unk
-    seg_id = add_seg_token(tokenizer)
-    if len(tokenizer) != vocab_size:
-        raise CheckpointMismatchError(f"{directory}: tokenizer has {len(tokenizer)} tokens, weights {vocab_size}")
-    tokenizer.add_tokens([IMAGE], special_tokens=True)
-    return tokenizer, seg_id, tokenizer.convert_tokens_to_ids(IMAGE)
-
-
 def _llava_config(config: dict[str, Any], vision_config: Any, tokenizer: Any, image_id: int, projector: str) -> Any:
     """transformers' ``LlavaConfig`` equivalent to a LISA (LLaVA v1) checkpoint's ``config.json``."""
     from transformers import LlamaConfig, LlavaConfig
@@ -229,7 +283,7 @@ def _llava_config(config: dict[str, Any], vision_config: Any, tokenizer: Any, im
         intermediate_size=config.get("intermediate_size", 4 * config["hidden_size"]),
         num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
         num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6), hidden_act=config.get("hidden_act", "silu"),
         max_position_embeddings=config.get("max_position_embeddings", config.get("max_sequence_length", 2048)),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     grid = vision_config.image_size // vision_config.patch_size
@@ -263,6 +317,49 @@ def _llava_model(directory: Path, mapping: LisaKeyMapping, llava_config: Any, cl
     return llava.to(dtype).eval()
 
 
+def _check_lisa_parts(directory: Path, config: dict[str, Any], mapping: LisaKeyMapping, sam: FrozenSAM) -> None:
+    """Refuse folders that are not LISA releases this loader reproduces, before any model is built."""
+    if config["out_dim"] != sam.prompt_dim:
+        raise CheckpointMismatchError(f"{directory}: out_dim {config['out_dim']} but SAM prompts are {sam.prompt_dim}-d")
+    if mapping.projector == "none" or not mapping.text_hidden_fcs or not mapping.mask_decoder:
+        raise CheckpointMismatchError(f"{directory}: not a LISA checkpoint (projector, text_hidden_fcs or "
+                                      "visual_model.mask_decoder missing)")
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature != "patch":
+        raise UnsupportedError(f"{directory}: mm_vision_select_feature={feature!r}; only LISA's 'patch' (CLIP "
+                               "features without CLS) is reproduced")
+    _check_frozen_sam(mapping, sam, directory)
+
+
+def _lisa_processor(config: dict[str, Any], vision_tower: str | Path, clip: Any, tokenizer: Any) -> Any:
+    """``LlavaProcessor`` with LISA's CLIP preprocessing, tokenizer and ``conv_llava_v1`` template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    return LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(str(vision_tower)),
+                          tokenizer=tokenizer, patch_size=clip.config.patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=llava_v1_chat_template(bool(config.get("mm_use_im_start_end", True))),
+                          image_token=IMAGE)
+
+
+def _mask_parts(directory: Path, config: dict[str, Any], mapping: LisaKeyMapping, sam: FrozenSAM
+                ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """LISA's ``text_hidden_fcs`` and fine-tuned mask decoder (a copy of the shared SAM's, filled)."""
+    mlp = text_hidden_fcs(config["hidden_size"], config["out_dim"])
+    try:
+        mlp.load_state_dict(mapping.text_hidden_fcs)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(f"{directory}: LISA text_hidden_fcs does not fit hidden size "
+                                      f"{config['hidden_size']}: {str(exc).splitlines()[0]}") from None
+    decoder = copy.deepcopy(sam.sam.mask_decoder)
+    try:
+        decoder.load_state_dict(mapping.mask_decoder)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(f"{directory}: LISA mask decoder does not fit SAM {sam.name}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+    return mlp, decoder
+
+
 def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: FrozenSAM, *,
                          dtype: torch.dtype = torch.float32) -> SegTokenModel:
     """Build a :class:`SegTokenModel` (no LoRA: LISA's is merged) from a LISA release directory.
@@ -270,7 +367,7 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
     ``vision_tower`` is a local CLIP vision directory (``openai/clip-vit-large-patch14`` for LISA v1) with its
     image processor; ``sam`` must be the SAM LISA was trained with (its frozen encoder is shared, not loaded).
     """
-    from transformers import CLIPImageProcessor, CLIPVisionModel, LlavaProcessor
+    from transformers import CLIPVisionModel
 
     directory = Path(directory).expanduser()
     if getattr(sam, "family", "sam") != "sam":
@@ -279,31 +376,16 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
     config = _read_config(directory)
     state = read_lisa_state_dict(directory)
     mapping = map_lisa_state_dict(state)
-    if config["out_dim"] != sam.prompt_dim:
-        raise CheckpointMismatchError(f"{directory}: out_dim {config['out_dim']} but SAM prompts are {sam.prompt_dim}-d")
-    if mapping.projector == "none" or not mapping.text_hidden_fcs or not mapping.mask_decoder:
-        raise CheckpointMismatchError(f"{directory}: not a LISA checkpoint (projector, text_hidden_fcs or "
-                                      "visual_model.mask_decoder missing)")
-    _check_frozen_sam(mapping, sam, directory)
-    tokenizer, seg_id, image_id = _lisa_tokenizer(directory, config["vocab_size"])
+    _check_lisa_parts(directory, config, mapping, sam)
+    tokenizer, seg_id, image_id = lisa_tokenizer(directory, config["vocab_size"],
+                                                  bool(config.get("mm_use_im_start_end", True)))
     clip = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=dtype)
     llava = _llava_model(directory, mapping, _llava_config(config, clip.config, tokenizer, image_id,
                                                            mapping.projector), clip, dtype)
     llava.generation_config.pad_token_id = tokenizer.pad_token_id
     llava.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(str(vision_tower)),
-                               tokenizer=tokenizer, patch_size=clip.config.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=llava_v1_chat_template(bool(config.get("mm_use_im_start_end", True))),
-                               image_token=IMAGE)
-    mlp = text_hidden_fcs(config["hidden_size"], config["out_dim"])
-    mlp.load_state_dict(mapping.text_hidden_fcs)
-    decoder = copy.deepcopy(sam.sam.mask_decoder)
-    try:
-        decoder.load_state_dict(mapping.mask_decoder)
-    except RuntimeError as exc:
-        raise CheckpointMismatchError(f"{directory}: LISA mask decoder does not fit SAM {sam.name}: "
-                                      f"{str(exc).splitlines()[0]}") from None
+    processor = _lisa_processor(config, vision_tower, clip, tokenizer)
+    mlp, decoder = _mask_parts(directory, config, mapping, sam)
     seg_config = SegTokenConfig(seg_token=SEG_TOKEN, seg_token_id=seg_id, base_vocab_size=seg_id,
                                 vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
                                 prompt_dim=config["out_dim"], lora=None, base_mllm=_identity(directory, config, state),
@@ -313,5 +395,5 @@ def load_lisa_checkpoint(directory: str | Path, vision_tower: str | Path, sam: F
     return model.eval()
 
 
-__all__ = ["LisaKeyMapping", "map_lisa_state_dict", "read_lisa_state_dict", "load_lisa_checkpoint",
-           "llava_v1_chat_template"]
+__all__ = ["IMAGE_TOKEN_INDEX", "LLAVA_V1_SYSTEM", "LisaKeyMapping", "LisaLlamaTokenizer", "lisa_input_ids",
+           "llava_v1_chat_template", "load_lisa_checkpoint", "map_lisa_state_dict", "read_lisa_state_dict"]
