@@ -52,6 +52,7 @@ class PipelineManifest(BaseModel):
     clip: ComponentRecord
     adapters: str | None = None
     seg_token: str | None = None
+    seg_token_cot: str | None = None
     vision_tower: str | None = None
     adapter_dim: int
     adapter_heads: int
@@ -72,6 +73,17 @@ def _referenced(source: str) -> str:
     return source
 
 
+def _keep_seg_token(source: str | None, directory: Path, name: str) -> str | None:
+    """Our ``[SEG]`` models are copied into the pipeline (as ``name``); a LISA release is referenced."""
+    if source is None:
+        return None
+    path = parse_source(source).path()
+    if path is not None and (path / "seg_token.json").is_file():
+        shutil.copytree(path, directory / name, dirs_exist_ok=True)
+        return name
+    return _referenced(source)
+
+
 def save_pipeline(directory: Path, components: Components, prompts: PromptSet, route: str) -> Path:
     """Write the pipeline folder (see the module docstring); return the manifest's path."""
     from llavaseg.models.adapters import save_adapters
@@ -85,21 +97,15 @@ def save_pipeline(directory: Path, components: Components, prompts: PromptSet, r
     if components.adapters is not None:
         save_adapters(components.adapters, directory / "adapters")
         adapters = "adapters"
-    seg_token = spec.seg_token
-    if seg_token is not None:
-        path = parse_source(seg_token).path()
-        if path is not None and (path / "seg_token.json").is_file():
-            shutil.copytree(path, directory / "seg_token", dirs_exist_ok=True)
-            seg_token = "seg_token"
-        else:
-            seg_token = _referenced(seg_token)
+    seg_token = _keep_seg_token(spec.seg_token, directory, "seg_token")
+    seg_token_cot = _keep_seg_token(spec.seg_token_cot, directory, "seg_token_cot")
     for stage, template in prompts.templates.items():
         atomic_write_text(directory / "prompts" / f"{stage}.txt", template.text + "\n")
     manifest = PipelineManifest(
         route=route, mllm=ComponentRecord(source=_referenced(spec.mllm), identity=components.mllm.identity()),
         sam=ComponentRecord(source=_referenced(spec.sam), identity=components.sam.identity()),
         clip=ComponentRecord(source=_referenced(spec.clip), identity=components.text_encoder.identity()),
-        adapters=adapters, seg_token=seg_token, vision_tower=_referenced(spec.vision_tower) if spec.vision_tower else None,
+        adapters=adapters, seg_token=seg_token, seg_token_cot=seg_token_cot, vision_tower=_referenced(spec.vision_tower) if spec.vision_tower else None,
         adapter_dim=spec.adapter_dim, adapter_heads=spec.adapter_heads, adapter_scales=spec.adapter_scales,
         untrained=list(components.untrained), notices=list(components.notices))
     path = directory / PIPELINE_FILE
@@ -122,10 +128,11 @@ def read_pipeline(directory: Path) -> tuple[PipelineManifest, ComponentSpec]:
     def inside(name: str | None) -> str | None:
         if name is None:
             return None
-        return str(Path(directory).resolve() / name) if name in ("adapters", "seg_token") else name
+        return str(Path(directory).resolve() / name) if name in ("adapters", "seg_token", "seg_token_cot") else name
 
     spec = ComponentSpec(mllm=manifest.mllm.source, sam=manifest.sam.source, clip=manifest.clip.source,
                          adapters=inside(manifest.adapters), seg_token=inside(manifest.seg_token),
+                         seg_token_cot=inside(manifest.seg_token_cot),
                          vision_tower=manifest.vision_tower, adapter_dim=manifest.adapter_dim,
                          adapter_heads=manifest.adapter_heads, adapter_scales=manifest.adapter_scales)
     return manifest, spec

@@ -33,6 +33,8 @@ class StageSpec(BaseModel):
 STAGES: dict[str, StageSpec] = {
     "reason": StageSpec(required=frozenset({"query"})),
     "attributes": StageSpec(required=frozenset({"description"}), optional=frozenset({"query"})),
+    # the llavaseg-verify route: a new one-turn chat on the image with one candidate highlighted
+    "verify": StageSpec(required=frozenset({"query"}), optional=frozenset({"description"})),
 }
 
 

@@ -75,6 +75,7 @@ class Segmenter:
     @classmethod
     def from_components(cls, *, mllm: str, sam: str, clip: str, adapters: str | Path | None = None,
                         seg_token: str | Path | None = None, vision_tower: str | Path | None = None,
+                        seg_token_cot: str | Path | None = None,
                         route: str = "llavaseg", allow_untrained: bool = False, device: str = "cpu",
                         dtype: str | None = "auto", quantization: Quantization = None,
                         prompts_dir: str | Path | None = None, with_answer: bool = True, batch_size: int = 8,
@@ -82,7 +83,8 @@ class Segmenter:
                         adapter_heads: int = 8, adapter_scales: tuple[int, ...] = (8, 4, 2, 2, 1)) -> Segmenter:
         """Build from a source per component (see :mod:`llavaseg.models.components` for the forms)."""
         spec = ComponentSpec(mllm=mllm, sam=sam, clip=clip, adapters=_str(adapters), seg_token=_str(seg_token),
-                             vision_tower=_str(vision_tower), adapter_dim=adapter_dim, adapter_heads=adapter_heads,
+                             seg_token_cot=_str(seg_token_cot), vision_tower=_str(vision_tower),
+                             adapter_dim=adapter_dim, adapter_heads=adapter_heads,
                              adapter_scales=adapter_scales)
         return cls.from_spec(spec, route=route, allow_untrained=allow_untrained, device=device, dtype=dtype,
                              quantization=quantization, prompts_dir=prompts_dir, with_answer=with_answer,
@@ -93,8 +95,8 @@ class Segmenter:
                     quantization: Quantization = None, prompts_dir: str | Path | None = None,
                     mllm: str | None = None, sam: str | None = None, clip: str | None = None,
                     adapters: str | Path | None = None, seg_token: str | Path | None = None,
-                    vision_tower: str | Path | None = None, allow_untrained: bool = False,
-                    sam_checkpoint: str | None = None, clip_pretrained: str | None = None,
+                    vision_tower: str | Path | None = None, seg_token_cot: str | Path | None = None,
+                    allow_untrained: bool = False, sam_checkpoint: str | None = None, clip_pretrained: str | None = None,
                     with_answer: bool = True, batch_size: int = 8,
                     route_options: dict[str, object] | None = None) -> Segmenter:
         """Build a preset (``llavaseg.models.presets.PRESETS``); the keywords replace its sources.
@@ -105,7 +107,8 @@ class Segmenter:
         preset = get_preset(name)
         clip = clip or _clip_with_weights(preset.clip, clip_pretrained)
         spec = preset.spec().with_sources(mllm=mllm, sam=sam or sam_checkpoint, clip=clip, adapters=_str(adapters),
-                                          seg_token=_str(seg_token), vision_tower=_str(vision_tower))
+                                          seg_token=_str(seg_token), vision_tower=_str(vision_tower),
+                                          seg_token_cot=_str(seg_token_cot))
         return cls.from_spec(spec, route=route, allow_untrained=allow_untrained or preset.plumbing, device=device,
                              dtype=dtype, quantization=quantization, prompts_dir=prompts_dir, with_answer=with_answer,
                              batch_size=batch_size, route_options=route_options, preset=preset)
@@ -167,8 +170,9 @@ class Segmenter:
         if parts.adapters is not None:
             components["adapters"] = {"source": (spec.adapters if spec else None) or "(in memory)",
                                       "weights": parts.adapters.fingerprint()}
-        if spec is not None and spec.seg_token:
-            components["seg_token"] = {"source": spec.seg_token}
+        for part in ("seg_token", "seg_token_cot"):
+            if spec is not None and getattr(spec, part):
+                components[part] = {"source": getattr(spec, part)}
         return Provenance(route=self.route_name, components=components,
                           untrained=route_untrained(self.route_name, parts.untrained),
                           notices=list(parts.notices),

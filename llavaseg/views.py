@@ -10,7 +10,7 @@ import numpy as np
 
 from llavaseg.errors import InputError
 
-__all__ = ["VIEW_FILL", "proposal_view"]
+__all__ = ["VIEW_FILL", "HIGHLIGHT_DIM", "proposal_view", "highlight_view"]
 
 VIEW_FILL = (128, 128, 128)
 """Paint for every pixel outside a proposal. Mid grey: far from all tiny-world colours and backgrounds,
@@ -53,3 +53,22 @@ def proposal_view(image: np.ndarray, mask: np.ndarray, view: str = "frame", marg
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     padded[sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = out[sy0:sy1, sx0:sx1]
     return padded
+
+
+HIGHLIGHT_DIM = 0.35
+"""How much of the original image is kept outside a highlighted region (the rest is mid grey): dim enough that
+the highlighted object stands out, bright enough that the others stay recognisable for relational queries."""
+
+
+def highlight_view(image: np.ndarray, mask: np.ndarray, dim: float = HIGHLIGHT_DIM) -> np.ndarray:
+    """What the MLLM is shown to check one candidate: the image with ``mask`` as it is and everything else
+    blended toward grey (``dim`` of the original kept), same size, so location and context remain visible."""
+    if mask.shape != image.shape[:2]:
+        raise InputError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    if not 0.0 <= dim <= 1.0:
+        raise InputError(f"dim must be in [0, 1], got {dim}")
+    fill = np.asarray(VIEW_FILL, dtype=np.float32)
+    blended = image.astype(np.float32) * dim + fill * (1.0 - dim)
+    out = np.rint(blended).clip(0, 255).astype(np.uint8)
+    out[mask.astype(bool)] = image[mask.astype(bool)]
+    return out

@@ -132,7 +132,8 @@ def _models_fingerprint(parts: Components) -> str:
     return fingerprint({"mllm": parts.mllm.identity(), "max_new_tokens": parts.mllm.max_new_tokens,
                         "sam": parts.sam.identity(), "text": parts.text_encoder.identity(),
                         "adapters": parts.adapters.fingerprint() if parts.adapters is not None else None,
-                        "seg_token": parts.seg_token_source, "untrained": list(parts.untrained)})
+                        "seg_token": parts.seg_token_source, "seg_token_cot": parts.seg_token_cot_source,
+                        "untrained": list(parts.untrained)})
 
 
 def _peak_rss_mb() -> float:
@@ -295,8 +296,9 @@ def _provenance(parts: Components, prompts) -> Provenance:
                   "clip": {"source": spec.clip, **parts.text_encoder.identity()}}
     if parts.adapters is not None:
         components["adapters"] = {"source": spec.adapters or "(untrained)", "weights": parts.adapters.fingerprint()}
-    if spec.seg_token:
-        components["seg_token"] = {"source": spec.seg_token}
+    for part in ("seg_token", "seg_token_cot"):
+        if getattr(spec, part):
+            components[part] = {"source": getattr(spec, part)}
     return Provenance(components=components, untrained=list(parts.untrained), notices=list(parts.notices),
                       templates={stage: text_digest(t.text) for stage, t in prompts.templates.items()})
 

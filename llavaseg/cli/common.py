@@ -63,6 +63,8 @@ def add_component_arguments(parser: argparse.ArgumentParser, *, seg_token: bool 
     if seg_token:
         group.add_argument("--seg-token", help="[SEG] model folder: ours, or a LISA release (needs --vision-tower)")
         group.add_argument("--vision-tower", help="CLIP vision folder a LISA release was trained with")
+        group.add_argument("--seg-token-cot", help="[SEG] model folder trained to write attributes before [SEG] "
+                                                   "(the seg-token-cot route)")
     group.add_argument("--allow-untrained", action="store_true",
                        help="run routes whose trained parts are missing with random weights (plumbing only; "
                             "results say so)")
@@ -93,5 +95,6 @@ def components_from_args(args: argparse.Namespace) -> ComponentChoice:
     else:
         spec = preset.spec()
     spec = spec.with_sources(mllm=args.mllm, sam=args.sam, clip=args.clip, adapters=args.adapters,
-                             seg_token=getattr(args, "seg_token", None), vision_tower=getattr(args, "vision_tower", None))
+                             seg_token=getattr(args, "seg_token", None), vision_tower=getattr(args, "vision_tower", None),
+                             seg_token_cot=getattr(args, "seg_token_cot", None))
     return ComponentChoice(args.preset, spec, allow, getattr(args, "pipeline", None))

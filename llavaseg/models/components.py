@@ -15,7 +15,9 @@ Source strings, one per component (see :mod:`llavaseg.models.sources` for ``pkg:
   config says) or ``NAME:FILE``, ``local-dir:DIR`` (``open_clip_config.json`` + weights), or ``random:NAME``;
 * ``adapters``: a folder written by ``llavaseg-train`` (``config.json`` + ``adapters.safetensors``);
 * ``seg_token``: a ``[SEG]`` model folder of ours (``seg_token.json``) or a LISA release folder (its
-  ``config.json`` has ``out_dim``; then ``vision_tower`` names the CLIP vision folder LISA was trained with).
+  ``config.json`` has ``out_dim``; then ``vision_tower`` names the CLIP vision folder LISA was trained with);
+* ``seg_token_cot``: a ``[SEG]`` model of ours trained to write the target's attributes before ``[SEG]``
+  (the ``seg-token-cot`` route).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ __all__ = ["ComponentSpec", "Components", "TrainedPart", "SAM_SUFFIXES", "weight
            "check_spec", "build_components", "build_mllm", "build_sam", "build_text_encoder", "new_adapters",
            "open_text_encoder"]
 
-TrainedPart = Literal["adapters", "seg_token"]
+TrainedPart = Literal["adapters", "seg_token", "seg_token_cot"]
 
 
 class ComponentSpec(BaseModel):
@@ -62,6 +64,7 @@ class ComponentSpec(BaseModel):
     clip: str
     adapters: str | None = None
     seg_token: str | None = None
+    seg_token_cot: str | None = None
     vision_tower: str | None = None
     adapter_dim: int = Field(128, ge=8)
     adapter_heads: int = Field(4, ge=1)
@@ -77,8 +80,9 @@ class ComponentSpec(BaseModel):
         changed = {k for k in ("mllm", "sam", "clip") if k in update and update[k] != getattr(self, k)}
         if changed & {"sam", "clip"} and "adapters" not in update:
             update["adapters"] = None
-        if changed & {"mllm", "sam"} and "seg_token" not in update:
-            update["seg_token"] = None
+        for part in ("seg_token", "seg_token_cot"):
+            if changed & {"mllm", "sam"} and part not in update:
+                update[part] = None
         return self.model_copy(update=update)
 
 
@@ -95,6 +99,7 @@ class Components:
     untrained: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()
     seg_token_source: str | None = None
+    seg_token_cot_source: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -157,12 +162,14 @@ def _check_adapters(source: str) -> None:
         raise InputError(f"--adapters {source}: {path} holds no adapters (needs config.json and adapters.safetensors)")
 
 
-def _check_seg_token(source: str, vision_tower: str | None) -> None:
+def _check_seg_token(source: str, vision_tower: str | None, flag: str = "--seg-token") -> None:
     path = parse_source(source).path()
     if path is None or not path.is_dir():
-        raise InputError(f"--seg-token {source}: no such folder ({path})")
+        raise InputError(f"{flag} {source}: no such folder ({path})")
     if (path / "seg_token.json").is_file():
         return
+    if flag != "--seg-token":
+        raise InputError(f"{flag} {source}: not a [SEG] model of ours (no seg_token.json)")
     config = read_json(path / "config.json")
     if isinstance(config, dict) and "out_dim" in config:
         if not vision_tower or not (Path(vision_tower).expanduser() / "config.json").is_file():
@@ -177,6 +184,8 @@ _TRAIN_HINTS = {
     "adapters": "train them: llavaseg-train --preset PRESET --out DIR (then --adapters DIR)",
     "seg_token": "train one: python -m llavaseg.recipes.train_seg_token --out DIR (then --seg-token DIR), or pass "
                  "a LISA release folder",
+    "seg_token_cot": "train one: python -m llavaseg.recipes.train_seg_token --answer-style attributes-first "
+                     "--out DIR (then --seg-token-cot DIR)",
 }
 
 
@@ -205,6 +214,8 @@ def check_spec(spec: ComponentSpec, *, needs: dict[str, tuple[str, ...]] | None 
         _check_adapters(spec.adapters)
     if spec.seg_token is not None:
         _check_seg_token(spec.seg_token, spec.vision_tower)
+    if spec.seg_token_cot is not None:
+        _check_seg_token(spec.seg_token_cot, None, "--seg-token-cot")
     return tuple(untrained)
 
 
@@ -296,10 +307,11 @@ def build_components(spec: ComponentSpec, *, device: str = "cpu", dtype: str | N
         untrained = tuple(dict.fromkeys((*untrained, "adapters")))
     else:
         adapters = None
-    if spec.seg_token is None and allow_untrained:
-        untrained = tuple(dict.fromkeys((*untrained, "seg_token")))
+    for part in ("seg_token", "seg_token_cot"):
+        if getattr(spec, part) is None and allow_untrained:
+            untrained = tuple(dict.fromkeys((*untrained, part)))
     return Components(mllm, sam, text_encoder, adapters, spec=spec, untrained=untrained, notices=tuple(notices),
-                      seg_token_source=spec.seg_token)
+                      seg_token_source=spec.seg_token, seg_token_cot_source=spec.seg_token_cot)
 
 
 def check_identity(kind: str, recorded: dict[str, str], actual: dict[str, str], where: str) -> None:

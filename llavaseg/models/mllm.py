@@ -13,6 +13,7 @@ instead of re-encoding the image and prompt (``reuse_cache``), with identical re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -99,6 +100,18 @@ class Conversation:
             values[index] = values[index] + [0] * len(ids)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How one turn is decoded: greedy by default; ``sample`` draws with ``temperature`` from a seeded generator
+    (the global RNG is left as it was); ``allowed_tokens`` is transformers' ``prefix_allowed_tokens_fn``
+    (constrained decoding, e.g. :mod:`llavaseg.method.constrained`)."""
+
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    allowed_tokens: Any = None
+
+
 def control_tokens(processor: Any) -> list[str]:
     """Strings the processor's tokenizer turns into control tokens (``<image>``, ``</s>``, ``<|im_start|>``,
     ``[SEG]``...), longest first. In a query they would add image slots or end turns: the processor then fails
@@ -134,6 +147,7 @@ class FrozenMLLM:
         self.image_cache_size = image_cache_size
         self._features_supported: bool | None = None
         self._features_stacked = False
+        self.row_calls = 0  # conversations x turns sent to the model so far (cost accounting)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
@@ -233,11 +247,16 @@ class FrozenMLLM:
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   pixel_values: torch.Tensor | None = None, past_key_values: Any = None,
                   extra: dict[str, torch.Tensor] | None = None,
-                  image_features: list[torch.Tensor] | None = None) -> Any:
+                  image_features: list[torch.Tensor] | None = None, decoding: Decoding | None = None) -> Any:
+        decoding = decoding or Decoding()
         kwargs: dict[str, Any] = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      max_new_tokens=max_new_tokens, do_sample=decoding.sample, num_beams=1,
                                       return_dict_in_generate=True, use_cache=True,
                                       pad_token_id=self.tokenizer.pad_token_id)
+        if decoding.sample:
+            kwargs.update(temperature=decoding.temperature, top_k=0, top_p=1.0)
+        if decoding.allowed_tokens is not None:
+            kwargs["prefix_allowed_tokens_fn"] = decoding.allowed_tokens
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
         if past_key_values is not None:
@@ -251,7 +270,10 @@ class FrozenMLLM:
                 pooler_output=torch.stack(features) if self._features_stacked else features)}
         for key, value in (extra or {}).items():
             kwargs[key] = value.to(self.device)
-        with torch.inference_mode():
+        self.row_calls += int(input_ids.shape[0])
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            if decoding.sample:
+                torch.manual_seed(decoding.seed)
             return self.model.generate(**kwargs)
 
     def _cached_image_features(self, images: list[np.ndarray], pixel_values: torch.Tensor,
@@ -334,7 +356,8 @@ class FrozenMLLM:
             except ValueError:
                 raise flat_error from None
 
-    def follow_up(self, state: Conversation, prompts: list[str], *, max_new_tokens: int | None = None) -> list[str]:
+    def follow_up(self, state: Conversation, prompts: list[str], *, max_new_tokens: int | None = None,
+                  decoding: Decoding | None = None) -> list[str]:
         """Next user turn of every conversation in ``state`` (continues its token ids and, if kept, its cache)."""
         if len(prompts) != len(state.rows):
             raise ValueError(f"{len(state.rows)} conversations but {len(prompts)} prompts")
@@ -346,21 +369,23 @@ class FrozenMLLM:
                 # The answer row already ends with EOS (appended in _advance); do not tokenise it twice.
                 suffix = suffix.lstrip(" ")[len(self.tokenizer.eos_token):]
             state.extend(index, self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
-        return self._advance(state, max_new_tokens)
+        return self._advance(state, max_new_tokens, decoding)
 
-    def _advance(self, state: Conversation, max_new_tokens: int | None) -> list[str]:
+    def _advance(self, state: Conversation, max_new_tokens: int | None, decoding: Decoding | None = None
+                 ) -> list[str]:
         max_new_tokens = max_new_tokens or self.max_new_tokens
         input_ids, attention_mask = self._left_pad(state.rows)
         extra = {**state.extra, **{key: self._left_pad(rows, pad=0)[0] for key, rows in state.token_rows.items()}}
         if state.cache is not None:
             output = self._generate(input_ids, attention_mask, max_new_tokens, past_key_values=state.cache,
-                                    extra={k: v for k, v in extra.items() if k in state.token_rows})
+                                    extra={k: v for k, v in extra.items() if k in state.token_rows},
+                                    decoding=decoding)
         elif state.image_features is not None:
             output = self._generate(input_ids, attention_mask, max_new_tokens, extra=extra,
-                                    image_features=state.image_features)
+                                    image_features=state.image_features, decoding=decoding)
         else:
             output = self._generate(input_ids, attention_mask, max_new_tokens, pixel_values=state.pixel_values,
-                                    extra=extra)
+                                    extra=extra, decoding=decoding)
         answers = []
         eos = self.tokenizer.eos_token_id
         for index, new_ids in enumerate(output.sequences[:, input_ids.shape[1]:].tolist()):
@@ -414,6 +439,28 @@ class FrozenMLLM:
             ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[index, width - len(row):] = 1
         return ids, mask
+
+    @staticmethod
+    def fork(state: Conversation) -> Conversation:
+        """An independent copy of a conversation (KV cache included), to continue it in several ways."""
+        return copy.deepcopy(state)
+
+    def choice_probabilities(self, images: list[np.ndarray], prompts: list[str], choices: tuple[str, ...]
+                             ) -> np.ndarray:
+        """``B x len(choices)``: the model's probabilities of each choice's first token as the start of its
+        answer to a one-turn chat (renormalised over the choices). One forward pass, no generation."""
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        ids = [self.tokenizer(choice, add_special_tokens=False)["input_ids"][:1] for choice in choices]
+        if any(not first for first in ids):
+            raise InputError(f"choices {choices} must each start with a token")
+        inputs = self._processor_inputs([Image.fromarray(image) for image in images],
+                                        [self.render_chat([], prompt) for prompt in prompts])
+        self.row_calls += len(images)
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits[:, -1]
+        picked = logits[:, [first[0] for first in ids]].float()
+        return torch.softmax(picked, dim=-1).cpu().numpy()
 
     def answer(self, images: list[np.ndarray], questions: list[str], *, max_new_tokens: int | None = None) -> list[str]:
         """The model's ordinary single-turn chat answer to each question (what users see in a chat UI)."""

@@ -65,6 +65,7 @@ from llavaseg.recipes.mllm_data import (
     pixel_values,
     reason_turns,
 )
+from llavaseg.recipes.mllm_region import evaluate_region, highlighted_object, region_turns, region_view, remap_vocabulary
 from llavaseg.tinyworld.generate import iter_scenes, scene_rng
 from llavaseg.tinyworld.scenes import Scene, render_scene_array, sample_scene
 from llavaseg.train.schedule import lr_factor as schedule_factor
@@ -78,6 +79,9 @@ RECIPE = [
     "tune: LM + LM head (tune_lr), projector (projector_lr), vision tower (vision_lr); per-cell aux heads kept "
     "at aux_weight; referent probes after LM layers referent_layers at referent_weight (discarded); on 2-turn "
     "reason/attributes chats and 5-turn dialogue chats through the llava-1.5 template",
+    "region (when region_steps > 0): as tune at region_lr_factor x the learning rates, each scene adding "
+    "region_per_scene 3-turn chats on a highlighted view (verify yes/no, colour, shape of the highlighted object); "
+    "init_from starts this stage from a saved model, its vocabulary mapped word by word",
 ]
 """How the shipped weights were made, in words (recorded in the model card)."""
 ALIGN_SCENE_OFFSET = 10_000_000
@@ -110,6 +114,10 @@ class TrainConfig(BaseModel):
     log_every: int = 25
     eval_every: int = 500
     eval_scenes: int = 30
+    region_steps: int = 0
+    region_per_scene: int = 1
+    region_lr_factor: float = 0.5
+    init_from: str | None = None  # a saved MLLM folder the region stage starts from (align and tune skipped)
 
 
 class AuxHeads(torch.nn.Module):
@@ -245,7 +253,7 @@ def _referent(scene: Scene, index: int | None) -> np.ndarray:
 
 
 def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config: TrainConfig,
-               step: int) -> dict[str, torch.Tensor]:
+               step: int, region: bool = False) -> dict[str, torch.Tensor]:
     """Per scene: ``reason_per_scene`` two-turn reasoning chats (distinct queries when the scene has them) and one
     5-turn dialogue chat in random order, right-padded. Several chats per scene halve the cost of generating data.
 
@@ -268,6 +276,9 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
         rows.append(encoder.encode(dialogue_turns([dialogue[int(i)] for i in order])))
         referents.append([_referent(scene, dialogue[int(i)].target_index) for i in order])
         image_index += [len(arrays) - 1] * (len(picks) + 1)
+        if region:
+            _add_region_chats(scene, arrays[-1], queries, prompts, encoder, config, rng,
+                              (arrays, rows, targets, image_index, referents))
     width = max(len(ids) for ids, _ in rows)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -291,6 +302,21 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
             "cell_targets": cells, "referent": referent, "answer_positions": positions}
 
 
+def _add_region_chats(scene: Scene, image: np.ndarray, queries: list, prompts: PromptSet, encoder: ChatEncoder,
+                      config: TrainConfig, rng: np.random.Generator, into: tuple[list, ...]) -> None:
+    """Append ``region_per_scene`` highlighted-view chats of one scene to the batch lists (each with its own
+    image; no per-cell targets on it; the colour/shape answers are about the highlighted object)."""
+    arrays, rows, targets, image_index, referents = into
+    for _ in range(config.region_per_scene):
+        query = queries[int(rng.integers(len(queries)))]
+        index = highlighted_object(scene, query, rng)
+        arrays.append(region_view(image, scene, index))
+        targets.append(np.full((TOKENS_PER_SIDE * TOKENS_PER_SIDE, len(AUX_CLASSES)), IGNORE, dtype=np.int64))
+        rows.append(encoder.encode(region_turns(prompts, scene, query, index)))
+        referents.append([_referent(scene, None), _referent(scene, index), _referent(scene, index)])
+        image_index.append(len(arrays) - 1)
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Next-token cross-entropy on assistant tokens only, and their teacher-forced token accuracy."""
     pred, gold = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
@@ -309,13 +335,14 @@ def _optimizer(model: Any, heads: torch.nn.ModuleDict, config: TrainConfig, stag
         groups = [{"params": [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters(),
                               *heads["cells"].parameters()], "lr": config.align_lr}]
     else:
+        scale = config.region_lr_factor if stage == "region" else 1.0
         groups = [
             {"params": [*inner.language_model.parameters(), *model.lm_head.parameters(), *heads.parameters()],
-             "lr": config.tune_lr},
-            {"params": list(inner.multi_modal_projector.parameters()), "lr": config.projector_lr},
+             "lr": config.tune_lr * scale},
+            {"params": list(inner.multi_modal_projector.parameters()), "lr": config.projector_lr * scale},
         ]
         if config.vision_lr > 0:  # LLaVA freezes the vision tower here; a small lr lets the aux heads keep polishing
-            groups.append({"params": list(inner.vision_tower.parameters()), "lr": config.vision_lr})
+            groups.append({"params": list(inner.vision_tower.parameters()), "lr": config.vision_lr * scale})
     for group in groups:
         for parameter in group["params"]:
             parameter.requires_grad_(True)
@@ -369,10 +396,23 @@ class _Trainer:
                                           "referent": ReferentProbes(hidden, config.referent_layers)})
         self.tap = ProjectorTap(self.model)
         self.encoder = ChatEncoder(self.processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
-        self.record: dict[str, Any] = {"stage": "align", "step": 0, "seconds": {"align": 0.0, "tune": 0.0},
-                                       "cpu_seconds": {"align": 0.0, "tune": 0.0}, "history": []}
+        self.record: dict[str, Any] = {"stage": "align", "step": 0,
+                                       "seconds": {"align": 0.0, "tune": 0.0, "region": 0.0},
+                                       "cpu_seconds": {"align": 0.0, "tune": 0.0, "region": 0.0}, "history": []}
         self.budget = stop_after if stop_after is not None else -1
-        self.optimizer = _optimizer(self.model, self.heads, config, "align")
+        if config.init_from is not None:
+            self._start_from(Path(config.init_from))
+        self.optimizer = _optimizer(self.model, self.heads, config, self.record["stage"])
+
+    def _start_from(self, folder: Path) -> None:
+        """Begin at the region stage from a saved model (its words mapped onto this vocabulary)."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        old = LlavaForConditionalGeneration.from_pretrained(folder)
+        old_tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+        remap_vocabulary(old, old_tokenizer, self.model, self.processor.tokenizer)
+        self.record["stage"] = "region"
+        self.record["init_from"] = {"folder": str(folder), "weights_digest": weights_digest(old)}
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -409,7 +449,7 @@ class _Trainer:
         """Log, checkpoint and budget bookkeeping after one step; True means stop this call."""
         step = self.record["step"]
         if step % self.config.log_every == 0 or step == total:
-            if stage == "tune" and self.config.eval_every and step % self.config.eval_every == 0:
+            if stage != "align" and self.config.eval_every and step % self.config.eval_every == 0:
                 entry["val"] = _quick_eval(self.model, self.processor, self.prompts, self.config)
             self.record["history"].append(entry)
             self.log(json.dumps(entry))
@@ -443,9 +483,9 @@ class _Trainer:
         self.checkpoint()
         return True
 
-    def _tune_loss(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _tune_loss(self, step: int, region: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         config = self.config
-        batch = tune_batch(self.processor, self.encoder, self.prompts, config, step)
+        batch = tune_batch(self.processor, self.encoder, self.prompts, config, step, region=region)
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             pixel_values=batch["pixel_values"], use_cache=False,
                             output_hidden_states=config.referent_weight > 0)
@@ -464,21 +504,38 @@ class _Trainer:
 
     def tune(self) -> bool:
         """Stage 2: the language model learns the stage turns and dialogue. Returns False if stopped early."""
+        if not self._language_stage("tune", self.config.tune_steps):
+            return False
+        if self.config.region_steps > 0:
+            self.record["stage"], self.record["step"] = "region", 0
+            self.optimizer = _optimizer(self.model, self.heads, self.config, "region")
+        else:
+            self.record["stage"] = "done"
+        self.checkpoint()
+        return True
+
+    def region(self) -> bool:
+        """Stage 3: tune's mix plus highlighted-view chats (see :mod:`llavaseg.recipes.mllm_region`)."""
+        if not self._language_stage("region", self.config.region_steps):
+            return False
+        self.record["stage"] = "done"
+        self.checkpoint()
+        return True
+
+    def _language_stage(self, stage: str, total: int) -> bool:
         config, record = self.config, self.record
-        while record["step"] < config.tune_steps:
+        while record["step"] < total:
             step = record["step"]
             start, cpu_start = time.perf_counter(), time.process_time()
             for group in self.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, config.tune_steps, config.warmup)
-            total, entry = self._tune_loss(step)
-            _optimiser_step(self.optimizer, total, config.grad_clip)
-            _advance(record, "tune", step, start, cpu_start)
-            entry = {"stage": "tune", "step": record["step"], **{k: v for k, v in entry.items() if k != "stage"},
-                     "seconds": round(record["seconds"]["tune"], 1)}
-            if self._after_step("tune", config.tune_steps, entry):
+                group["lr"] = group["base_lr"] * lr_factor(step, total, config.warmup)
+            loss, entry = self._tune_loss(step, region=stage == "region")
+            _optimiser_step(self.optimizer, loss, config.grad_clip)
+            _advance(record, stage, step, start, cpu_start)
+            entry = {"stage": stage, "step": record["step"], **{k: v for k, v in entry.items() if k != "stage"},
+                     "seconds": round(record["seconds"][stage], 1)}
+            if self._after_step(stage, total, entry):
                 return False
-        record["stage"] = "done"
-        self.checkpoint()
         return True
 
 
@@ -497,8 +554,10 @@ def train_mllm(config: TrainConfig, work_dir: Path, log: Any = print,
     trainer.model.train()
     if trainer.record["stage"] == "align" and not trainer.align():
         return trainer.model.eval(), trainer.processor, trainer.record
-    if trainer.record["stage"] == "tune":
-        trainer.tune()
+    if trainer.record["stage"] == "tune" and not trainer.tune():
+        return trainer.model.eval(), trainer.processor, trainer.record
+    if trainer.record["stage"] == "region":
+        trainer.region()
     return trainer.model.eval(), trainer.processor, trainer.record
 
 
@@ -523,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(field.default, list):
             parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="*", default=field.default)
         else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
+            kind = str if field.default is None else type(field.default)
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=field.default)
     args = parser.parse_args(argv)
     config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.model_fields})
     card_path = args.card or args.out.parent / f"{args.out.name}_card.json"
@@ -537,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {args.out} (weights digest {weights_digest(model)})")
     mllm = FrozenMLLM.from_pretrained(args.out, local_files_only=True)
     report = evaluate_mllm(mllm, PromptSet.load(), "val", config.data_seed, count=args.val_scenes)
+    report.update(evaluate_region(mllm, PromptSet.load(), "val", config.data_seed, count=args.val_scenes))
     print(json.dumps({k: v for k, v in report.items() if k != "errors"}, indent=1))
     if record is None:
         return 0
@@ -550,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights_digest": weights_digest(mllm.model),
         "config": config.model_dump(),
         "recipe": RECIPE,
+        "init_from": record.get("init_from"),
         "wall_seconds": {k: round(v, 1) for k, v in record["seconds"].items()},
         "wall_seconds_total": round(sum(record["seconds"].values()), 1),
         "cpu_seconds": {k: round(v, 1) for k, v in record["cpu_seconds"].items()},

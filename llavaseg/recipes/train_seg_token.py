@@ -21,9 +21,10 @@ CLI: ``python -m llavaseg.recipes.train_seg_token --out llavaseg/weights/tinywor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.data.annotations import DIALOGUE_FILE, DialogueRecord, read_records
+from llavaseg.data.annotations import DIALOGUE_FILE, STAGES_FILE, DialogueRecord, GroundTruthStages, read_records
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import InputError
 from llavaseg.evaluate import MetricAccumulator
@@ -43,6 +44,7 @@ from llavaseg.models.presets import get_preset
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
 from llavaseg.paths import TINY_WORLD_WEIGHTS, cache_dir
 from llavaseg.provenance import machine
+from llavaseg.recipes.mllm_data import format_attributes
 from llavaseg.seg_token.checkpoint import (
     assign_trained_state,
     save_seg_token_model,
@@ -50,7 +52,9 @@ from llavaseg.seg_token.checkpoint import (
 )
 from llavaseg.seg_token.inference import predict
 from llavaseg.seg_token.model import SegTokenModel, create_seg_token_model
+from llavaseg.seg_token.prompts import AnswerStyle
 from llavaseg.seg_token.train import (
+    ClipMode,
     SegSample,
     make_batch,
     make_optimizer,
@@ -63,7 +67,9 @@ WEIGHTS_DIR = TINY_WORLD_WEIGHTS / "seg_token"
 
 
 class SegTokenTrainConfig(BaseModel):
-    """Everything that determines the trained weights (recorded in the card)."""
+    """Everything that determines the trained weights (recorded in the card). The defaults are LISA's recipe
+    verbatim; ``templates``, ``clip`` and ``refer_rate`` are the toy's fixes, ``answer_style`` the CoT extension
+    (see the module docstring)."""
 
     preset: str = "tiny-world"
     steps: int = 1500
@@ -77,6 +83,10 @@ class SegTokenTrainConfig(BaseModel):
     checkpoint_every: int = 100
     eval_limit: int | None = None
     max_new_tokens: int = 16
+    templates: str = "lisa"
+    answer_style: AnswerStyle = "lisa"
+    clip: ClipMode = "global"
+    refer_rate: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class SplitScores(BaseModel):
@@ -125,6 +135,7 @@ class TrainData:
     segmentation_features: list[SamImageFeatures]
     dialogue: list[SegSample]
     dialogue_features: list[SamImageFeatures]
+    referring: list[SegSample] = field(default_factory=list)  # explicit-attribute queries, one per text
 
 
 def _light(features: SamImageFeatures) -> SamImageFeatures:
@@ -139,18 +150,33 @@ def _encode_all(sam: FrozenSAM, images: list[np.ndarray], chunk: int = 16) -> li
     return features
 
 
+def explicit_query(attributes: dict[str, str]) -> str:
+    """A referring-segmentation query spelling the target out (``the large yellow triangle in the right``), in
+    the tiny world's words: the easy share LISA's mix has (class names, RefCOCO) and the tiny world lacks."""
+    return f"the {attributes['size']} {attributes['color']} {attributes['shape']} in the {attributes['location']}"
+
+
 def load_train_data(root: Path, sam: FrozenSAM, split: str = "train") -> TrainData:
-    """Every text of every scene (with its mask) and every dialogue pair of ``split``, SAM-encoded once."""
+    """Every text of every scene (with its mask, ground-truth attributes and an explicit twin query) and every
+    dialogue pair of ``split``, SAM-encoded once."""
     dataset = ReasonSegDataset(root, split)
+    stages = GroundTruthStages.for_dataset(dataset) if (dataset.split_dir / STAGES_FILE).is_file() else None
     images: dict[str, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
     seg: list[SegSample] = []
+    referring: list[SegSample] = []
     keys: list[str] = []
     for query in dataset.queries():
         if query.sample_id not in images:
             images[query.sample_id] = query.load_image()
             masks[query.sample_id] = query.load_mask()
-        seg.append(SegSample(images[query.sample_id], query.text, query.is_sentence, masks[query.sample_id]))
+        attributes = stages.lookup(query).attributes if stages is not None else None
+        sentence = f"{format_attributes(attributes)} ." if attributes else None
+        seg.append(SegSample(images[query.sample_id], query.text, query.is_sentence, masks[query.sample_id],
+                             attributes=sentence))
+        if attributes:
+            referring.append(SegSample(images[query.sample_id], explicit_query(attributes), False,
+                                       masks[query.sample_id], attributes=sentence))
         keys.append(query.sample_id)
     order = list(images)
     encoded = dict(zip(order, _encode_all(sam, [images[k] for k in order])))
@@ -161,7 +187,7 @@ def load_train_data(root: Path, sam: FrozenSAM, split: str = "train") -> TrainDa
             continue
         dialogue.append(SegSample(images[name], record.question, answer=record.answer))
         dialogue_keys.append(name)
-    return TrainData(seg, [encoded[k] for k in keys], dialogue, [encoded[k] for k in dialogue_keys])
+    return TrainData(seg, [encoded[k] for k in keys], dialogue, [encoded[k] for k in dialogue_keys], referring)
 
 
 def _dialogue_records(root: Path, split: str) -> list[DialogueRecord]:
@@ -171,7 +197,9 @@ def _dialogue_records(root: Path, split: str) -> list[DialogueRecord]:
 
 def step_samples(data: TrainData, config: SegTokenTrainConfig, rng: random.Random
                  ) -> tuple[list[SegSample], list[SamImageFeatures]]:
-    """One batch: each slot is a dialogue pair with probability ``vqa_rate``, else a segmentation query."""
+    """One batch: each slot is a dialogue pair with probability ``vqa_rate``, else a segmentation query (its
+    explicit twin with probability ``refer_rate``). The extra draw happens only when ``refer_rate > 0``, so
+    LISA's recipe (``refer_rate=0``) draws exactly as before."""
     samples, features = [], []
     for _ in range(config.batch_size):
         if data.dialogue and rng.random() < config.vqa_rate:
@@ -180,7 +208,8 @@ def step_samples(data: TrainData, config: SegTokenTrainConfig, rng: random.Rando
             features.append(data.dialogue_features[index])
         else:
             index = rng.randrange(len(data.segmentation))
-            samples.append(data.segmentation[index])
+            explicit = config.refer_rate > 0 and rng.random() < config.refer_rate
+            samples.append((data.referring if explicit else data.segmentation)[index])
             features.append(data.segmentation_features[index])
     return samples, features
 
@@ -245,7 +274,8 @@ def train(config: SegTokenTrainConfig, out: Path, work: Path, root: Path, *, max
     mllm, sam = build_base(config.preset)
     work.mkdir(parents=True, exist_ok=True)
     data = load_train_data(root, sam, "train")
-    model = create_seg_token_model(mllm, sam, seed=config.seed)
+    model = create_seg_token_model(mllm, sam, seed=config.seed, templates=config.templates,
+                                   answer_style=config.answer_style)
     optimizer = make_optimizer(model, lr=config.lr)
     scheduler = warmup_decay(optimizer, config.warmup_steps, config.steps)
     identity = {"config": config.model_dump(mode="json")}
@@ -264,7 +294,8 @@ def train(config: SegTokenTrainConfig, out: Path, work: Path, root: Path, *, max
         torch.manual_seed(config.seed * 1_000_003 + step)
         samples, features = step_samples(data, config, rng)
         batch = make_batch(model, samples, rng, features)
-        loss = seg_token_train_step(model, batch, optimizer, scheduler=scheduler, max_grad_norm=config.max_grad_norm)
+        loss = seg_token_train_step(model, batch, optimizer, scheduler=scheduler, max_grad_norm=config.max_grad_norm,
+                                    clip=config.clip)
         window.append(loss)
         if (step + 1) % 25 == 0:
             curve.append((step + 1, float(np.mean(window))))
@@ -297,7 +328,8 @@ def evaluate_into(report: SegTokenTrainReport, model: SegTokenModel, mllm: Froze
     """Fill the card's val scores (both protocols, dialogue agreement)."""
     report.val_generate = evaluate_split(model, root, "val", "generate", limit=config.eval_limit,
                                          max_new_tokens=config.max_new_tokens)
-    report.val_teacher_forced = evaluate_split(model, root, "val", "teacher-forced", limit=config.eval_limit)
+    if config.answer_style == "lisa":  # teacher forcing pre-fills LISA's answer: not defined for attributes-first
+        report.val_teacher_forced = evaluate_split(model, root, "val", "teacher-forced", limit=config.eval_limit)
     report.val_dialogue = dialogue_scores(mllm, model.dialogue_model(), root, "val", limit=config.eval_limit)
     return report
 
@@ -316,13 +348,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=SegTokenTrainConfig().lr)
     parser.add_argument("--vqa-rate", type=float, default=SegTokenTrainConfig().vqa_rate)
     parser.add_argument("--eval-limit", type=int, default=None)
+    parser.add_argument("--templates", default="lisa", help="lisa (verbatim) or tiny-world (LISA's texts in the "
+                                                           "tiny world's words)")
+    parser.add_argument("--answer-style", default="lisa", choices=["lisa", "attributes-first"],
+                        help="attributes-first: write the target's attributes, then [SEG] (seg-token-cot)")
+    parser.add_argument("--clip", default="global", choices=["global", "per-group"],
+                        help="gradient clipping: LISA's global norm, or language and mask path each")
+    parser.add_argument("--refer-rate", type=float, default=0.0,
+                        help="share of segmentation slots given the explicit-attribute twin query")
+    parser.add_argument("--max-new-tokens", type=int, default=SegTokenTrainConfig().max_new_tokens)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     config = SegTokenTrainConfig(preset=args.preset, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                                 lr=args.lr, vqa_rate=args.vqa_rate, eval_limit=args.eval_limit)
+                                 lr=args.lr, vqa_rate=args.vqa_rate, eval_limit=args.eval_limit,
+                                 templates=args.templates, answer_style=args.answer_style, clip=args.clip,
+                                 refer_rate=args.refer_rate, max_new_tokens=args.max_new_tokens)
     root = args.data or default_tinyworld_root()
-    work = args.work or cache_dir(f"train_seg_token-{args.preset}-{args.seed}")
+    digest = hashlib.blake2b(config.model_dump_json().encode(), digest_size=4).hexdigest()
+    work = args.work or cache_dir(f"train_seg_token-{args.preset}-{args.seed}-{digest}")  # one folder per config
     report = train(config, args.out, work, root, max_minutes=args.max_minutes, threads=args.threads)
     print(report.model_dump_json(indent=2, exclude={"loss_curve"}))
     return 0

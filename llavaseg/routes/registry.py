@@ -34,8 +34,8 @@ class RouteEntry:
 ROUTES: dict[str, RouteEntry | str] = {
     "llavaseg": RouteEntry(
         "llavaseg.routes.llavaseg:build", ("adapters",),
-        "frozen MLLM reasons in two chat turns (description, attributes) -> frozen text encoder -> trained "
-        "adapters -> frozen SAM; the MLLM is untouched"),
+        "frozen MLLM reasons in text in two chat turns (description, attributes) -> frozen text encoder -> "
+        "trained adapters -> frozen SAM; only the adapters train, the MLLM's dialogue is untouched"),
     "llavaseg-noattr": RouteEntry(
         "llavaseg.routes.llavaseg:build_without_attributes", ("adapters",),
         "ablation of llavaseg: the same trained adapters prompted with the stage-1 description only"),
@@ -44,7 +44,12 @@ ROUTES: dict[str, RouteEntry | str] = {
         "llavaseg with ground-truth stage outputs in place of the MLLM's (measures the adapters alone)"),
     "seg-token": RouteEntry(
         "llavaseg.routes.seg_token:build", ("seg_token",),
-        "LISA: a fine-tuned copy of the MLLM emits [SEG], whose hidden state prompts a fine-tuned SAM decoder"),
+        "LISA: a fine-tuned copy of the MLLM (LoRA) answers with [SEG] at once, no reasoning in text; the token's "
+        "hidden state prompts a fine-tuned SAM decoder; the MLLM's dialogue changes"),
+    "seg-token-cot": RouteEntry(
+        "llavaseg.routes.seg_token:build_cot", ("seg_token_cot",),
+        "extension of LISA (not LISA): the fine-tuned MLLM copy first writes the target's attributes in text, then "
+        "[SEG]; the same reasoning as llavaseg, paid for with the MLLM's dialogue"),
     "training-free": RouteEntry(
         "llavaseg.routes.training_free:build", (),
         "nothing trained: the frozen MLLM's two stages, SAM point-grid proposals ranked by frozen CLIP"),

@@ -43,10 +43,9 @@ from llavaseg.timing import StageTimer
 class SegTokenRoute:
     """``[SEG]``-token segmentation with its own fine-tuned MLLM copy (the shared frozen models stay untouched)."""
 
-    name = "seg-token"
-
     def __init__(self, model: SegTokenModel, *, teacher_forced: bool = False, query_style: str = "auto",
-                 max_new_tokens: int = 32, with_answer: bool = True) -> None:
+                 max_new_tokens: int = 32, with_answer: bool = True, name: str = "seg-token") -> None:
+        self.name = name
         if query_style not in ("auto", "short", "long"):
             raise InputError(f"query_style must be auto, short or long, got {query_style!r}")
         self.model = model.eval()
@@ -98,24 +97,28 @@ def _is_lisa_release(path: Path) -> bool:
     return not (path / "seg_token.json").is_file() and config.is_file() and '"out_dim"' in config.read_text()
 
 
-def resolve_model(context) -> SegTokenModel:
+def resolve_model(context, part: str = "seg_token") -> SegTokenModel:
     """The route's ``[SEG]`` model: the ``lisa_checkpoint``/``seg_token_model`` option, else the components'
-    ``seg_token`` source (ours, or a LISA release folder with its ``vision_tower``), else an untrained one when
-    untrained parts are allowed."""
+    ``seg_token`` (or ``seg_token_cot``) source (ours, or a LISA release folder with its ``vision_tower``), else an
+    untrained one when untrained parts are allowed."""
     from llavaseg.seg_token.checkpoint import load_seg_token_model
     from llavaseg.seg_token.model import create_seg_token_model
 
     parts = context.components
     options = context.options
     spec = parts.spec
-    source = options.get("lisa_checkpoint") or options.get("seg_token_model") or parts.seg_token_source
+    cot = part == "seg_token_cot"
+    default = parts.seg_token_cot_source if cot else parts.seg_token_source
+    source = options.get("lisa_checkpoint") or options.get("seg_token_model") or default
     vision_tower = options.get("vision_tower") or (spec.vision_tower if spec is not None else None)
     if source is None:
-        if "seg_token" not in parts.untrained:
-            raise UntrainedError("route seg-token needs a trained [SEG] model and none was given; train one with "
-                                 "python -m llavaseg.recipes.train_seg_token (then --seg-token DIR), pass a LISA "
-                                 "release folder, or allow untrained parts for a plumbing run")
-        return create_seg_token_model(parts.mllm, parts.sam)
+        if part not in parts.untrained:
+            flag = "--seg-token-cot DIR" if cot else "--seg-token DIR"
+            raise UntrainedError(f"route {'seg-token-cot' if cot else 'seg-token'} needs a trained [SEG] model and "
+                                 f"none was given; train one with python -m llavaseg.recipes.train_seg_token (then "
+                                 f"{flag}), or allow untrained parts for a plumbing run")
+        return create_seg_token_model(parts.mllm, parts.sam, templates="tiny-world" if cot else "lisa",
+                                      answer_style="attributes-first" if cot else "lisa")
     parsed = parse_source(str(source))
     path = parsed.path()
     if path is None or not path.is_dir():
@@ -138,3 +141,16 @@ def build(context) -> SegTokenRoute:
     return SegTokenRoute(resolve_model(context), teacher_forced=_flag(options.get("teacher_forced", False)),
                          query_style=str(options.get("query_style", "auto")),
                          max_new_tokens=int(options.get("max_new_tokens", 32)), with_answer=context.with_answer)
+
+
+def build_cot(context) -> SegTokenRoute:
+    """Registry entry of ``seg-token-cot``: a ``[SEG]`` model that writes the target's attributes first, so it is
+    evaluated by generation (teacher forcing would pre-fill LISA's bare answer)."""
+    options = context.options
+    model = resolve_model(context, "seg_token_cot")
+    if model.config.answer_style != "attributes-first":
+        raise InputError("route seg-token-cot needs a [SEG] model trained with --answer-style attributes-first; "
+                         f"this one answers {model.config.answer_style!r} (use it with route seg-token)")
+    return SegTokenRoute(model, query_style=str(options.get("query_style", "auto")),
+                         max_new_tokens=int(options.get("max_new_tokens", 48)), with_answer=context.with_answer,
+                         name="seg-token-cot")

@@ -35,6 +35,7 @@ from llavaseg.seg_token.model import (
     SegTokenConfig,
     SegTokenModel,
     create_seg_token_model,
+    import_peft,
 )
 
 CONFIG_NAME = "seg_token.json"
@@ -48,7 +49,7 @@ def trained_state(model: SegTokenModel) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores (see module docstring), detached, contiguous, on CPU."""
     state: dict[str, torch.Tensor] = {}
     if model.is_lora:
-        from peft import get_peft_model_state_dict
+        get_peft_model_state_dict = import_peft().get_peft_model_state_dict
 
         for key, value in get_peft_model_state_dict(model.llm).items():
             state[f"lora.{key}"] = value
@@ -119,7 +120,8 @@ def load_seg_token_model(directory: str | Path, mllm: FrozenMLLM, sam: FrozenSAM
         state = load_file(str(weights), device=str(mllm.device))
     except WEIGHT_FILE_ERRORS as exc:  # truncated or not a safetensors file
         raise weights_error("[SEG] weights", weights, exc) from None
-    model = create_seg_token_model(mllm, sam, lora=config.lora, seed=config.seed)
+    model = create_seg_token_model(mllm, sam, lora=config.lora, seed=config.seed, templates=config.templates,
+                                   answer_style=config.answer_style)
     if (model.seg_token_id, model.config.vocab_size) != (config.seg_token_id, config.vocab_size):
         raise CheckpointMismatchError(
             f"{directory}: [SEG] id/vocabulary {config.seg_token_id}/{config.vocab_size} do not match the base "
@@ -138,7 +140,7 @@ def assign_trained_state(model: SegTokenModel, state: dict[str, torch.Tensor]) -
     with torch.no_grad():
         lora = {key[len("lora."):]: value for key, value in state.items() if key.startswith("lora.")}
         if lora:
-            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict = import_peft().set_peft_model_state_dict
 
             result = set_peft_model_state_dict(model.llm, lora)
             unexpected = getattr(result, "unexpected_keys", [])

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from llavaseg.errors import UnsupportedError
 from llavaseg.models.mllm import check_no_control_tokens, control_tokens
 from llavaseg.seg_token.model import SegTokenModel, select_seg_hidden
 from llavaseg.seg_token.prompts import (
-    TEACHER_FORCED_ANSWER,
+    LISA,
     QueryStyle,
+    TemplateSet,
     looks_like_sentence,
     validation_request,
 )
@@ -58,10 +60,10 @@ def render(processor: Any, user_text: str, answer: str | None = None) -> str:
                                          tokenize=False)
 
 
-def request_text(query: str, style: QueryStyle = "auto") -> str:
+def request_text(query: str, style: QueryStyle = "auto", templates: TemplateSet = LISA) -> str:
     """LISA's validation request for ``query`` (sentence or phrase template; ``auto`` guesses)."""
     is_sentence = looks_like_sentence(query) if style == "auto" else style == "long"
-    return validation_request(query, is_sentence)
+    return validation_request(query, is_sentence, templates)
 
 
 def _left_padded_inputs(model: SegTokenModel, images: list[np.ndarray], texts: list[str]) -> dict[str, torch.Tensor]:
@@ -119,7 +121,8 @@ def generate_pass(model: SegTokenModel, images: list[np.ndarray], user_texts: li
 @torch.inference_mode()
 def teacher_forced_pass(model: SegTokenModel, images: list[np.ndarray], user_texts: list[str]) -> list[SegPass]:
     """LISA ``validate()``: the assistant turn is ``"[SEG]."``; one forward pass, one ``[SEG]`` per query."""
-    texts = [render(model.processor, text, TEACHER_FORCED_ANSWER) for text in user_texts]
+    answer = model.templates.teacher_forced_answer
+    texts = [render(model.processor, text, answer) for text in user_texts]
     inputs = _left_padded_inputs(model, images, texts)
     llava = model.llava
     # Left padding shifts absolute positions; give each row positions counted from its first real token.
@@ -130,7 +133,7 @@ def teacher_forced_pass(model: SegTokenModel, images: list[np.ndarray], user_tex
     rows = select_seg_hidden(output.hidden_states[-1], inputs["input_ids"], model.seg_token_id)
     # The pre-filled answer ends the text, so its [SEG] is the row's last one (a "[SEG]" typed into the query
     # would come earlier and is ignored).
-    return [SegPass(prompt=text, text=TEACHER_FORCED_ANSWER, hidden=hidden[-1:]) for text, hidden in zip(texts, rows)]
+    return [SegPass(prompt=text, text=answer, hidden=hidden[-1:]) for text, hidden in zip(texts, rows)]
 
 
 @dataclass
@@ -161,11 +164,14 @@ def predict(model: SegTokenModel, images: list[np.ndarray], queries: list[str], 
     was_training = model.training
     model.eval()
     try:
-        user_texts = [request_text(query, s) for query, s in zip(queries, styles)]
+        user_texts = [request_text(query, s, model.templates) for query, s in zip(queries, styles)]
         tokens = control_tokens(model.processor)
         for text in user_texts:
             check_no_control_tokens(text, tokens)
         if protocol == "teacher-forced":
+            if model.config.answer_style != "lisa":
+                raise UnsupportedError("teacher forcing pre-fills LISA's answer; a model that writes attributes "
+                                       "before [SEG] is evaluated by generation only")
             passes = teacher_forced_pass(model, images, user_texts)
         elif protocol == "generate":
             passes = generate_pass(model, images, user_texts, max_new_tokens=max_new_tokens)

@@ -38,7 +38,7 @@ from torch import nn
 from llavaseg.errors import UnsupportedError
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
-from llavaseg.seg_token.prompts import SEG_TOKEN
+from llavaseg.seg_token.prompts import SEG_TOKEN, AnswerStyle, TemplateSet, template_set
 
 FORMAT = "llavaseg-seg-token-v1"
 
@@ -74,6 +74,23 @@ class SegTokenConfig(BaseModel):
     source: str = "llavaseg"
     seed: int = 0
     trained_steps: int = 0
+    templates: str = "lisa"  # the TemplateSet trained with (and used at inference)
+    answer_style: AnswerStyle = "lisa"  # "attributes-first": seg-token-cot, an extension of LISA
+
+
+def import_peft() -> Any:
+    """``import peft``, without the warning bitsandbytes logs when peft imports it on a CPU machine (about an
+    optional accelerated 4-bit kernel package; the ``[SEG]`` route uses neither 4-bit weights nor that kernel)."""
+    import logging
+
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        quiet.setLevel(level)
+    return peft
 
 
 # ------------------------------------------------------------------------------------------ token handling
@@ -188,6 +205,19 @@ class SegTokenModel(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by path: ``language`` (LoRA, embeddings, LM head) and ``mask`` (projection and
+        mask decoder), for clipping each group's gradient on its own."""
+        groups: dict[str, list[nn.Parameter]] = {"language": [], "mask": []}
+        for name, parameter in self.trainable_parameters().items():
+            on_mask_path = name.startswith(("text_hidden_fcs", "mask_decoder"))
+            groups["mask" if on_mask_path else "language"].append(parameter)
+        return groups
+
+    @property
+    def templates(self) -> TemplateSet:
+        return template_set(self.config.templates)
+
     # --------------------------------------------------------------------------------------------- mask path
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """``n x H`` hidden states -> ``n x prompt_dim`` sparse prompt tokens."""
@@ -237,7 +267,7 @@ def _check_lora_targets(llm: nn.Module) -> None:
 
 
 def create_seg_token_model(mllm: FrozenMLLM, sam: FrozenSAM, *, lora: LoraSettings | None = LoraSettings(),
-                           seed: int = 0) -> SegTokenModel:
+                           seed: int = 0, templates: str = "lisa", answer_style: AnswerStyle = "lisa") -> SegTokenModel:
     """An untrained ``[SEG]`` model on deep copies of ``mllm`` (LoRA at init, random projection)."""
     base_identity = mllm.identity()
     processor = copy.deepcopy(mllm.processor)
@@ -252,7 +282,8 @@ def create_seg_token_model(mllm: FrozenMLLM, sam: FrozenSAM, *, lora: LoraSettin
     if lora is not None:
         import warnings
 
-        from peft import LoraConfig, get_peft_model
+        peft = import_peft()
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
         with warnings.catch_warnings():  # peft probes a transformers attribute deprecated in v5 (FutureWarning)
             warnings.simplefilter("ignore", FutureWarning)
@@ -264,7 +295,8 @@ def create_seg_token_model(mllm: FrozenMLLM, sam: FrozenSAM, *, lora: LoraSettin
     decoder = copy.deepcopy(sam.mask_decoder)
     config = SegTokenConfig(seg_token_id=seg_id, base_vocab_size=base_vocab, vocab_size=len(tokenizer),
                             hidden_size=hidden, prompt_dim=sam.prompt_dim, lora=lora, base_mllm=base_identity,
-                            sam=sam.identity(), seed=seed)
+                            sam=sam.identity(), seed=seed, templates=template_set(templates).name,
+                            answer_style=answer_style)
     model = SegTokenModel(llm, processor, mlp, decoder, sam, config)
     model.set_trainable()
     return model.eval()

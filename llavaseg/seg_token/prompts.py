@@ -5,6 +5,12 @@ protocols must draw them from one place. Training picks a question template at r
 phrase queries vs. long sentence queries) and an answer from LISA's answer list; evaluation uses LISA's fixed
 validation templates (``ValDataset``), which are members of those lists.
 
+A :class:`TemplateSet` holds one such family of texts. ``LISA`` is LISA's, verbatim. ``TINY_WORLD`` says the same
+things in the tiny world's 89-word vocabulary: LISA's words ("Please", "segment", "mask", "Sure", "It") are
+``<unk>`` to the tiny MLLM, so with LISA's texts the language-model loss starts at 11-15 nats per token and its
+clipped gradient starves the mask path (``docs/tinyworld.md``). A ``[SEG]`` model records which set it was trained
+with, and inference uses that set.
+
 The chat template (``USER: <image>\\n... ASSISTANT: ...``) is the processor's, so the ``<image>\\n`` prefix LISA
 writes by hand is added by ``apply_chat_template`` and does not appear in the strings below.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 SEG_TOKEN = "[SEG]"
@@ -47,6 +54,51 @@ VAL_LONG = "{sent} Please output segmentation mask."
 TEACHER_FORCED_ANSWER = "[SEG]."
 """LISA's ``validate()`` pre-fills the assistant turn with this text (``docs/lisa.md`` §5, LISA issue #145)."""
 
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """One family of ``[SEG]`` conversation texts: training questions and answers, validation questions, and
+    the teacher-forced answer."""
+
+    name: str
+    short_questions: tuple[str, ...]
+    long_questions: tuple[str, ...]
+    answers: tuple[str, ...]
+    val_short: str
+    val_long: str
+    teacher_forced_answer: str
+
+
+LISA = TemplateSet("lisa", SHORT_QUESTIONS, LONG_QUESTIONS, ANSWERS, VAL_SHORT, VAL_LONG, TEACHER_FORCED_ANSWER)
+
+TINY_WORLD = TemplateSet(
+    "tiny-world",
+    short_questions=("what is {class_name} in this image ?", "which object is {class_name} ?",
+                     "where is {class_name} in this image ?", "refer to {class_name} ."),
+    long_questions=("{sent} refer to the object .", "{sent} which object ?"),
+    answers=("the object is [SEG] .", "this is [SEG] .", "the object that is [SEG] .", "[SEG] ."),
+    val_short="what is {class_name} in this image ?",
+    val_long="{sent} refer to the object .",
+    teacher_forced_answer="[SEG] .",
+)
+"""LISA's templates in the tiny world's vocabulary, question for question (LISA's "Please output segmentation
+mask." becomes "refer to the object ."; "Sure, it is [SEG]." becomes "this is [SEG] ."): a fix for the toy, not a
+change of design: one ``[SEG]`` per answer, validation texts that are members of the training lists."""
+
+TEMPLATE_SETS = {templates.name: templates for templates in (LISA, TINY_WORLD)}
+
+AnswerStyle = Literal["lisa", "attributes-first"]
+"""``lisa``: the answer is one of the set's answers (LISA puts any explanation *after* ``[SEG]``).
+``attributes-first``: the model first writes the target's attributes (``color : red ; location : top left ; ...``,
+the frozen MLLM's stage-2 format), then ``[SEG]``: an extension of LISA, not LISA (``seg-token-cot``)."""
+
+
+def template_set(name: str) -> TemplateSet:
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown [SEG] template set {name!r}; known: {sorted(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[name]
+
+
 QueryStyle = Literal["auto", "short", "long"]
 
 _SENTENCE_END = re.compile(r"[.?!]\s*$")
@@ -63,23 +115,29 @@ def looks_like_sentence(query: str, max_phrase_words: int = 9) -> bool:
     return bool(_SENTENCE_END.search(text)) or len(text.split()) > max_phrase_words
 
 
-def validation_request(query: str, is_sentence: bool) -> str:
+def validation_request(query: str, is_sentence: bool, templates: TemplateSet = LISA) -> str:
     """The user text LISA's validation uses for ``query`` (without the image placeholder)."""
     query = query.strip()
-    return VAL_LONG.format(sent=query) if is_sentence else VAL_SHORT.format(class_name=query)
+    return templates.val_long.format(sent=query) if is_sentence else templates.val_short.format(class_name=query)
 
 
-def training_request(query: str, is_sentence: bool, rng: random.Random) -> str:
+def training_request(query: str, is_sentence: bool, rng: random.Random, templates: TemplateSet = LISA) -> str:
     """A random LISA training question for ``query`` (long list for sentences, short list for phrases)."""
     query = query.strip()
     if is_sentence:
-        return rng.choice(LONG_QUESTIONS).format(sent=query)
-    return rng.choice(SHORT_QUESTIONS).format(class_name=query)
+        return rng.choice(templates.long_questions).format(sent=query)
+    return rng.choice(templates.short_questions).format(class_name=query)
 
 
-def training_answer(rng: random.Random) -> str:
-    """A random LISA answer, holding one ``[SEG]``."""
-    return rng.choice(ANSWERS)
+def training_answer(rng: random.Random, templates: TemplateSet = LISA, style: AnswerStyle = "lisa",
+                    attributes: str | None = None) -> str:
+    """A training answer holding one ``[SEG]``: one of the set's answers, or (``attributes-first``) the
+    target's attribute sentence followed by ``[SEG]``."""
+    if style == "attributes-first":
+        if not attributes:
+            raise ValueError("an attributes-first answer needs the target's attributes")
+        return f"{attributes} {SEG_TOKEN} ."
+    return rng.choice(templates.answers)
 
 
 def strip_seg(text: str) -> str:
