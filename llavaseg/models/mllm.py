@@ -103,13 +103,14 @@ class Conversation:
 @dataclass(frozen=True)
 class Decoding:
     """How one turn is decoded: greedy by default; ``sample`` draws with ``temperature`` from a seeded generator
-    (the global RNG is left as it was); ``allowed_tokens`` is transformers' ``prefix_allowed_tokens_fn``
-    (constrained decoding, e.g. :mod:`llavaseg.method.constrained`)."""
+    (the global RNG is left as it was); ``constraint`` builds transformers' ``prefix_allowed_tokens_fn`` from
+    the width of the prompt the answer starts after (constrained decoding, :mod:`llavaseg.method.constrained`)."""
 
     sample: bool = False
     temperature: float = 1.0
     seed: int = 0
-    allowed_tokens: Any = None
+    constraint: Any = None
+    beams: int = 1  # > 1: beam search returning every beam (FrozenMLLM.follow_up_beams)
 
 
 def control_tokens(processor: Any) -> list[str]:
@@ -255,8 +256,10 @@ class FrozenMLLM:
                                       pad_token_id=self.tokenizer.pad_token_id)
         if decoding.sample:
             kwargs.update(temperature=decoding.temperature, top_k=0, top_p=1.0)
-        if decoding.allowed_tokens is not None:
-            kwargs["prefix_allowed_tokens_fn"] = decoding.allowed_tokens
+        if decoding.beams > 1:
+            kwargs.update(num_beams=decoding.beams, num_return_sequences=decoding.beams, early_stopping=True)
+        if decoding.constraint is not None:
+            kwargs["prefix_allowed_tokens_fn"] = decoding.constraint(int(input_ids.shape[1]))
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
         if past_key_values is not None:
@@ -359,6 +362,10 @@ class FrozenMLLM:
     def follow_up(self, state: Conversation, prompts: list[str], *, max_new_tokens: int | None = None,
                   decoding: Decoding | None = None) -> list[str]:
         """Next user turn of every conversation in ``state`` (continues its token ids and, if kept, its cache)."""
+        self._add_user_turn(state, prompts)
+        return self._advance(state, max_new_tokens, decoding)
+
+    def _add_user_turn(self, state: Conversation, prompts: list[str]) -> None:
         if len(prompts) != len(state.rows):
             raise ValueError(f"{len(state.rows)} conversations but {len(prompts)} prompts")
         for prompt in prompts:
@@ -369,7 +376,23 @@ class FrozenMLLM:
                 # The answer row already ends with EOS (appended in _advance); do not tokenise it twice.
                 suffix = suffix.lstrip(" ")[len(self.tokenizer.eos_token):]
             state.extend(index, self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
-        return self._advance(state, max_new_tokens, decoding)
+
+    def follow_up_beams(self, state: Conversation, prompts: list[str], beams: int, *, constraint: Any = None,
+                        max_new_tokens: int | None = None) -> list[list[str]]:
+        """The ``beams`` most likely answers to the next user turn of each conversation (beam search, best first),
+        recomputed from the conversation's ids; ``state`` itself is left unchanged."""
+        work = self.fork(state)
+        work.cache = None
+        self._add_user_turn(work, prompts)
+        input_ids, attention_mask = self._left_pad(work.rows)
+        extra = {**work.extra, **{key: self._left_pad(rows, pad=0)[0] for key, rows in work.token_rows.items()}}
+        features = {"image_features": work.image_features} if work.image_features is not None else {
+            "pixel_values": work.pixel_values}
+        output = self._generate(input_ids, attention_mask, max_new_tokens or self.max_new_tokens, extra=extra,
+                                decoding=Decoding(beams=beams, constraint=constraint), **features)
+        sequences = output.sequences[:, input_ids.shape[1]:].tolist()
+        texts = [self.tokenizer.decode(self._strip(ids), skip_special_tokens=True).strip() for ids in sequences]
+        return [texts[row * beams: (row + 1) * beams] for row in range(len(prompts))]
 
     def _advance(self, state: Conversation, max_new_tokens: int | None, decoding: Decoding | None = None
                  ) -> list[str]:

@@ -42,6 +42,10 @@ ROUTES: dict[str, RouteEntry | str] = {
     "llavaseg-oracle": RouteEntry(
         "llavaseg.routes.llavaseg:build_with_reference_stages", ("adapters",),
         "llavaseg with ground-truth stage outputs in place of the MLLM's (measures the adapters alone)"),
+    "llavaseg-verify": RouteEntry(
+        "llavaseg.routes.verify:build", ("adapters",),
+        "llavaseg with several stage-2 answers (sampled, schema-constrained, voted); the same frozen MLLM checks "
+        "each candidate mask on a highlighted view and the first confirmed is kept; nothing more is trained"),
     "seg-token": RouteEntry(
         "llavaseg.routes.seg_token:build", ("seg_token",),
         "LISA: a fine-tuned copy of the MLLM (LoRA) answers with [SEG] at once, no reasoning in text; the token's "
