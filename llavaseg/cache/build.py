@@ -105,7 +105,7 @@ def _pending_query(query: SegQuery, ground_truth: GroundTruthStages | None) -> _
 def build_cache(cache: FeatureCache, queries: Iterable[SegQuery], *, sam: FrozenSAM,
                 text_encoder: FrozenTextEncoder, mllm: Any = None, prompts: Any = None,
                 ground_truth: GroundTruthStages | None = None, batch_size: int = 8, progress: bool = True,
-                desc: str = "caching features") -> list[str]:
+                desc: str = "caching features", shard: tuple[int, int] = (0, 1)) -> list[str]:
     """Compute and store the frozen models' outputs for ``queries``; return their references in order.
 
     Queries are taken in fixed chunks of ``batch_size`` (by position, whatever is cached already); a chunk cached
@@ -114,6 +114,9 @@ def build_cache(cache: FeatureCache, queries: Iterable[SegQuery], *, sam: Frozen
     interrupted build resumes with exactly the chunks, batches and bits an uninterrupted one computes; images
     and phrases are encoded one at a time for the same reason. ``ground_truth`` replaces the MLLM's stage
     outputs by the split's ground-truth stages (the cache's identity must then say ``stage_source="teacher"``).
+    ``shard=(rank, size)`` computes only every ``size``-th chunk from ``rank`` (one rank of a distributed run);
+    the references returned are still all of them (a chunk's name follows from its keys), for use once every
+    rank has finished.
     """
     from tqdm.auto import tqdm
 
@@ -129,11 +132,11 @@ def build_cache(cache: FeatureCache, queries: Iterable[SegQuery], *, sam: Frozen
     references: list[str] = []
     models = {"sam": sam, "text_encoder": text_encoder, "mllm": mllm, "prompts": prompts}
     with tqdm(total=len(queries), desc=desc, disable=not progress, unit="query", leave=False) as bar:
-        for start in range(0, len(queries), batch_size):
+        for number, start in enumerate(range(0, len(queries), batch_size)):
             chunk = [_pending_query(query, ground_truth) for query in queries[start: start + batch_size]]
             unique = list({item.key: item for item in chunk}.values())
             unique_keys = [item.key for item in unique]
-            if cache.has_chunk(unique_keys):
+            if number % shard[1] != shard[0] or cache.has_chunk(unique_keys):
                 names = dict(zip(unique_keys, cache.references(unique_keys), strict=True))
             else:
                 names = dict(zip(unique_keys, _store_chunk(cache, unique, **models), strict=True))

@@ -148,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as exc:
             first = exc.errors()[0]
             raise LlavasegError(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        from llavaseg.distributed import world
         from llavaseg.train import train_adapters
 
-        return _report(train_adapters(config, stop_after=args.stop_after))
+        result = train_adapters(config, stop_after=args.stop_after)
+        return _report(result) if world(config.device).is_main else 0  # one report per run, from rank 0
 
     return run_guarded(PROG, action, interrupted_hint="the last complete step is checkpointed (the feature cache "
                                                       "keeps every finished chunk); re-run the same command to resume")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llavaseg.attributes import Attributes
 from llavaseg.errors import InputError
+from llavaseg.images import image_digest
 from llavaseg.method.stages import StageOutputs, run_stages
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
@@ -241,10 +243,39 @@ class TrainingFreeRoute:
     name = "training-free"
 
     def __init__(self, mllm: FrozenMLLM, sam: FrozenSAM, clip: FrozenTextEncoder, prompts: PromptSet, *,
-                 options: TrainingFreeOptions | None = None, with_answer: bool = True) -> None:
+                 options: TrainingFreeOptions | None = None, with_answer: bool = True, cache_size: int = 64) -> None:
         self.mllm, self.sam, self.clip, self.prompts = mllm, sam, clip, prompts
         self.options = options or TrainingFreeOptions()
         self.with_answer = with_answer
+        # Proposals and their CLIP view embeddings depend on the image only (the models and options are fixed
+        # for this route), so every further query on an image reuses them: the costly part of this route.
+        self._per_image: OrderedDict[str, tuple[Proposals, torch.Tensor]] = OrderedDict()
+        self.cache_size = cache_size
+
+    def _image_work(self, images: list[np.ndarray], timer: StageTimer) -> list[tuple[Proposals, torch.Tensor]]:
+        """Proposals and view embeddings of each image, computed once per distinct image (views of all new
+        images encoded in batches of 256)."""
+        keys = [image_digest(image) for image in images]
+        new = [i for i, key in enumerate(keys) if key not in self._per_image and keys.index(key) == i]
+        if new:
+            with timer.stage("sam_encoder"):
+                self.sam.encode_batch([images[i] for i in new])
+            with timer.stage("sam_proposals"):
+                proposals = {i: propose_masks(self.sam, images[i], self.options) for i in new}
+            with timer.stage("clip_scoring"):
+                views = [proposal_view(images[i], mask, self.options.view) for i in new for mask in proposals[i].masks]
+                embedded = (torch.cat([self.clip.encode_images(views[j: j + 256]) for j in range(0, len(views), 256)])
+                            if views else torch.zeros((0, self.clip.dim)))
+            offset = 0
+            for i in new:
+                count = len(proposals[i].masks)
+                self._per_image[keys[i]] = (proposals[i], embedded[offset: offset + count])
+                offset += count
+            while len(self._per_image) > self.cache_size:
+                self._per_image.popitem(last=False)
+        for key in keys:
+            self._per_image.move_to_end(key)
+        return [self._per_image[key] for key in keys]
 
     def dialogue_model(self) -> FrozenMLLM:
         return self.mllm
@@ -265,24 +296,16 @@ class TrainingFreeRoute:
         timer = timer or StageTimer()
         answers = answers or [None] * len(images)
         opts = self.options
-        with timer.stage("sam_encoder"):
-            self.sam.encode_batch(images)
-        with timer.stage("sam_proposals"):
-            proposals = [propose_masks(self.sam, image, opts) for image in images]
+        work = self._image_work(images, timer)
         with timer.stage("clip_scoring"):
-            views = [proposal_view(image, mask, opts.view) for image, p in zip(images, proposals) for mask in p.masks]
-            view_emb = (torch.cat([self.clip.encode_images(views[i: i + 256]) for i in range(0, len(views), 256)])
-                        if views else torch.zeros((0, self.clip.dim)))
             phrase_lists = [scoring_phrases(s.description, s.attributes, opts.description_weight) for s in stages]
             flat = self.clip.encode_text([p for phrases, _ in phrase_lists for p in phrases])
         per_item = timer.per_item(len(images))
-        results, v_off, t_off = [], 0, 0
-        for index, (image, stage, props) in enumerate(zip(images, stages, proposals)):
+        results, t_off = [], 0
+        for index, (image, stage, (props, emb)) in enumerate(zip(images, stages, work)):
             phrases, weights = phrase_lists[index]
             text = flat[t_off: t_off + len(phrases)]
             t_off += len(phrases)
-            emb = view_emb[v_off: v_off + len(props.masks)]
-            v_off += len(props.masks)
             scores = combined_scores(emb, text, weights) if len(props.masks) else np.zeros(0, np.float32)
             several = opts.multi == "always" or (opts.multi == "auto" and wants_several(queries[index],
                                                                                            stage.description))

@@ -52,6 +52,7 @@ from llavaseg.cache import (
 from llavaseg.data.annotations import GroundTruthStages
 from llavaseg.data.mixture import Mixture
 from llavaseg.data.registry import DataSource, open_dataset
+from llavaseg.distributed import World, barrier, shard, world
 from llavaseg.errors import CheckpointMismatchError, InputError
 from llavaseg.models.adapters import MultiScaleAdapters, save_adapters
 from llavaseg.paths import cache_dir
@@ -189,8 +190,9 @@ class _Data:
                        names=[f"{s.kind}:{s.path.name}/{s.split}" for s in self.sources])
 
 
-def _prepare_data(config: TrainConfig, frozen: Any, adapters: MultiScaleAdapters) -> _Data:
-    """Open (and fill, resumably) the feature cache for the training sources and the validation split."""
+def _prepare_data(config: TrainConfig, frozen: Any, adapters: MultiScaleAdapters, place: World = World()) -> _Data:
+    """Open (and fill, resumably) the feature cache for the training sources and the validation split. In a
+    distributed run each rank computes its share of the cache chunks, then all read all of them."""
     identity = cache_identity(frozen.sam, frozen.text_encoder, max_text_tokens=adapters.config.max_text_tokens,
                               stage_source=config.stage_source, mllm=frozen.mllm, prompts=frozen.prompts)
     cache = FeatureCache(config.cache_dir or default_cache_root(), identity,
@@ -202,13 +204,16 @@ def _prepare_data(config: TrainConfig, frozen: Any, adapters: MultiScaleAdapters
         ground_truth = GroundTruthStages.for_dataset(dataset) if config.stage_source == "teacher" else None
         return build_cache(cache, dataset.queries(), sam=frozen.sam, text_encoder=frozen.text_encoder,
                            mllm=frozen.mllm, prompts=frozen.prompts, ground_truth=ground_truth,
-                           batch_size=config.cache_batch_size, progress=config.progress, desc=f"cache {label}")
+                           batch_size=config.cache_batch_size, progress=config.progress and place.is_main,
+                           desc=f"cache {label}", shard=(place.rank, place.size))
 
     sources = _train_sources(config)
     train_keys = [cached_keys(open_dataset(s), f"{s.kind}:{s.split}") for s in sources]
     val = _val_source(config, sources)
-    val_samples = cache.load_samples(cached_keys(open_dataset(val), f"val:{val.split}")) if val else []
-    cache.flush()
+    val_keys = cached_keys(open_dataset(val), f"val:{val.split}") if val else []
+    barrier(place)  # every rank's chunks are committed
+    cache.refresh()
+    val_samples = cache.load_samples(val_keys) if val and place.is_main else []
     return _Data(cache, sources, train_keys, val_samples, time.perf_counter() - start)
 
 
@@ -274,14 +279,19 @@ class _Run:
 
 
 def _train_loop(run: _Run, data: _Data, sam: Any, stop_after: int | None,
-                interrupt: DeferredInterrupt) -> tuple[int, bool, float]:
+                interrupt: DeferredInterrupt, place: World = World()) -> tuple[int, bool, float]:
     """Optimiser steps from ``run.start_step``; returns (last step, stopped early, seconds of this call).
-    Stops early after ``stop_after`` steps or, after a complete step, when Ctrl-C was pressed."""
+    Stops early after ``stop_after`` steps or, after a complete step, when Ctrl-C was pressed.
+
+    Distributed: every rank draws the same global batch and dropout mask and takes every ``size``-th sample;
+    DistributedDataParallel averages the gradients, so the step equals one process's on the whole batch (the
+    losses are means over the batch); only rank 0 validates and checkpoints."""
     from tqdm.auto import tqdm
 
     config = run.config
     mixture = data.mixture(config.seed)
     run.adapters.train()
+    model = _parallel(run.adapters, place)
     train_start = time.perf_counter()
     step, stopped_early, window = run.start_step, False, []
     log_every = max(1, min(50, config.steps // 20))
@@ -291,14 +301,16 @@ def _train_loop(run: _Run, data: _Data, sam: Any, stop_after: int | None,
             if interrupt.requested or (stop_after is not None and step - run.start_step >= stop_after):
                 stopped_early = True
                 break
-            batch = data.samples(mixture.batch(step, config.batch_size))
-            keep = run.rng.random(len(batch)) >= config.attribute_dropout  # always drawn: same RNG stream either way
+            keys = mixture.batch(step, config.batch_size)
+            keep = run.rng.random(len(keys)) >= config.attribute_dropout  # always drawn: same RNG stream either way
+            batch, keep = data.samples(shard(keys, place)), shard(list(keep), place)
             features = [data.cache.image_features(s.entry.image) for s in batch]
             texts = [s.text if k else s.text[:1] for s, k in zip(batch, keep)]
             lr = run.optimizer.param_groups[0]["lr"]
-            window.append(adapter_train_step(run.adapters, sam, run.optimizer, features, texts, [s.mask for s in batch],
-                                             bce_weight=config.bce_weight, dice_weight=config.dice_weight,
-                                             grad_clip=config.grad_clip, scheduler=run.scheduler))
+            losses = adapter_train_step(model, sam, run.optimizer, features, texts, [s.mask for s in batch],
+                                        bce_weight=config.bce_weight, dice_weight=config.dice_weight,
+                                        grad_clip=config.grad_clip, scheduler=run.scheduler)
+            window.append(_mean_over_ranks(losses, place))
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == config.steps:
@@ -307,11 +319,34 @@ def _train_loop(run: _Run, data: _Data, sam: Any, stop_after: int | None,
                                             lr=lr))
                 bar.set_postfix(loss=f"{mean[0]:.4f}")
                 window.clear()
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps and place.is_main:
                 run.validate(step, data, sam)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                run.checkpoint(step, run.previous_train_seconds + time.perf_counter() - train_start)
+                if place.is_main:
+                    run.checkpoint(step, run.previous_train_seconds + time.perf_counter() - train_start)
+                barrier(place)
     return step, stopped_early, time.perf_counter() - train_start
+
+
+def _parallel(adapters: MultiScaleAdapters, place: World) -> torch.nn.Module:
+    """The module a step runs: the adapters, wrapped in DistributedDataParallel when there are several ranks."""
+    if not place.distributed:
+        return adapters
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(adapters.parameters()).device
+    return DistributedDataParallel(adapters, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_over_ranks(losses: tuple[float, float, float], place: World) -> tuple[float, float, float]:
+    """The step's losses over the whole global batch (each rank's are means over its equal share)."""
+    if not place.distributed:
+        return losses
+    import torch.distributed as dist
+
+    total = torch.tensor(losses, dtype=torch.float64)
+    dist.all_reduce(total)
+    return tuple(float(v) for v in total / place.size)  # type: ignore[return-value]
 
 
 def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen: Any = None) -> TrainResult:
@@ -325,6 +360,9 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
     from llavaseg.models.components import new_adapters
 
     wall_start = time.perf_counter()
+    place = world(config.device)
+    if config.batch_size % place.size:
+        raise InputError(f"batch_size {config.batch_size} is not divisible by the {place.size} processes")
     writable_dir(Path(config.out), "out", create=False)  # before hours of training, not after
     writable_dir(Path(config.checkpoint_dir or _default_checkpoint_dir(config)), "checkpoint_dir")
     if config.threads:
@@ -336,23 +374,24 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
                             scales=tuple(config.adapter_scales or spec.adapter_scales), seed=config.seed)
     if config.init_adapters is not None:
         _start_from(adapters, config.init_adapters, frozen)
-    data = _prepare_data(config, frozen, adapters)
+    data = _prepare_data(config, frozen, adapters, place)
     run = _Run.create(config, adapters, data)
     if config.resume:
         run.resume()
     if run.start_step == 0 and data.val_samples:
         run.validate(0, data, frozen.sam)  # the untrained baseline, so every card shows what training bought
     with DeferredInterrupt() as interrupt:
-        step, stopped_early, seconds = _train_loop(run, data, frozen.sam, stop_after, interrupt)
+        step, stopped_early, seconds = _train_loop(run, data, frozen.sam, stop_after, interrupt, place)
         train_seconds = run.previous_train_seconds + seconds
         steps_this_call = step - run.start_step
-        run.checkpoint(step, train_seconds)
+        if place.is_main:
+            run.checkpoint(step, train_seconds)
     if interrupt.requested:
         _log(config, f"interrupted: step {step} checkpointed in {run.checkpoint_dir}")
         raise KeyboardInterrupt
     final, out = None, None
     n_train = sum(len(k) for k in data.train_keys)
-    if not stopped_early:
+    if not stopped_early and place.is_main:
         final = run.validate(step, data, frozen.sam)
         out = Path(config.out)
         save_adapters(adapters, out)
@@ -362,6 +401,7 @@ def train_adapters(config: TrainConfig, *, stop_after: int | None = None, frozen
                                      losses=run.losses, val_history=run.val_history,
                                      frozen_models=data.cache.identity.model_dump(mode="json")))
         _log(config, f"adapters written to {out}")
+    barrier(place)
     return TrainResult(
         out=out, checkpoint_dir=run.checkpoint_dir, completed=not stopped_early, step=step, steps=config.steps,
         parameter_count=adapters.num_parameters(), losses=run.losses, val_history=run.val_history, val=final,
