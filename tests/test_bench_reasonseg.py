@@ -127,7 +127,7 @@ def test_end_to_end_files_and_values(data_root, tmp_path):
     out = tmp_path / "run"
     assert _run(data_root, out, "--limit", "4", "--routes", "llavaseg,llavaseg-noattr,drifted") == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"environment", "routes", "skipped_routes", "base_dialogue"}
+    assert set(results) == {"environment", "routes", "skipped_routes", "base_dialogue", "comparisons", "predictions"}
     env = results["environment"]
     assert env["preset"] == "tiny" and env["split"] == "val" and env["data"] == str(data_root.resolve())
     assert env["device"] == "cpu" and env["limit"] == 4 and {"torch", "transformers", "python"} <= set(env["versions"])

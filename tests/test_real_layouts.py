@@ -111,7 +111,8 @@ def test_unnamed_routes_missing_a_part_are_skipped_and_untrained_ones_marked(lay
                        "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["routes"]) == ["training-free"]
-    assert set(results["skipped_routes"]) == {"llavaseg", "llavaseg-noattr", "llavaseg-oracle", "seg-token", "seg-token-cot"}
+    assert set(results["skipped_routes"]) == {"llavaseg", "llavaseg-noattr", "llavaseg-oracle", "llavaseg-verify", "seg-token",
+                                              "seg-token-cot"}
     allowed = tmp_path / "allowed"
     assert bench_main(["reasonseg", "--data", str(world), "--limit", "1", *_flags(layouts), "--no-dialogue",
                        "--allow-untrained", "--routes", "llavaseg,training-free", "--out", str(allowed)]) == 0

@@ -6,8 +6,13 @@ Modules, one job each:
 * :mod:`~llavaseg.bench.config` - ``run.json``: what a results folder was produced with (refuse to mix);
 * :mod:`~llavaseg.bench.runner` - the per-route query loop (batched by image, errors recorded, resumable);
 * :mod:`~llavaseg.bench.dialogue` - dialogue preservation: route answers vs the base MLLM and references;
-* :mod:`~llavaseg.bench.report` - ``results.json`` / ``results.csv`` and the console table;
-* :mod:`~llavaseg.bench.overlays` - ``overlays.png``, ground truth next to each route's masks.
+* :mod:`~llavaseg.bench.report` - ``results.json`` / ``results.csv`` and the console tables;
+* :mod:`~llavaseg.bench.summaries` - metrics per group, 95% intervals, paired comparisons of routes;
+* :mod:`~llavaseg.bench.overlays` - ``overlays.png``, ground truth next to each route's masks;
+* :mod:`~llavaseg.bench.charts` / :mod:`~llavaseg.bench.page` - the IoU histogram and bar charts, ``report.html``;
+* :mod:`~llavaseg.bench.outputs` - every file of a results folder, written alike for routes and predictions;
+* :mod:`~llavaseg.bench.predictions` / :mod:`~llavaseg.bench.score` - ``llavaseg-bench score``: predictions made
+  by any system (mask PNGs or JSONL), matched to a data set's queries and scored like a route.
 """
 
 from llavaseg.bench.dialogue import (

@@ -31,15 +31,17 @@ class BenchRecord(QueryRecord):
     seconds: float = 0.0
     timings: dict[str, float] = {}
     mask: dict[str, Any] | None = None
-    notices: list[str] = []  # e.g. the query was truncated to MAX_QUERY_CHARS
+    instance_masks: list[dict[str, Any]] | None = None  # per-instance RLEs when the route gave them
+    notices: list[str] = []  # e.g. the query was truncated to MAX_QUERY_CHARS; a prediction file was missing
 
     def predicted_mask(self) -> np.ndarray | None:
         return decode_mask(self.mask) if self.mask is not None else None
 
 
 def _labels(query) -> dict[str, Any]:
+    n_targets = getattr(query, "n_targets", None)
     return {"query_id": query.query_id, "is_sentence": bool(query.is_sentence), "sample": str(query.sample_id),
-            "text_index": int(query.text_index)}
+            "text_index": int(query.text_index), "n_targets": None if n_targets is None else int(n_targets)}
 
 
 def record_from_result(route: str, query, gt: np.ndarray, result: SegmentationResult, seconds: float) -> BenchRecord:
@@ -49,10 +51,12 @@ def record_from_result(route: str, query, gt: np.ndarray, result: SegmentationRe
         **scored.model_dump(), route=route, text=query.text, description=result.description,
         attributes=dict(result.attributes.items()), attribute_parse=result.attribute_parse, answer=result.answer,
         score=float(result.score), seconds=seconds, timings=dict(result.timings), mask=encode_mask(result.mask),
+        instance_masks=[encode_mask(m) for m in result.instance_masks] if result.instance_masks else None,
     )
 
 
-def record_from_error(route: str, query, gt: np.ndarray, error: str, seconds: float) -> BenchRecord:
-    """A failed query: IoU 0 and union = ground-truth area (:meth:`QueryRecord.failed`)."""
+def record_from_error(route: str, query, gt: np.ndarray | None, error: str, seconds: float) -> BenchRecord:
+    """A failed query: IoU 0 and union = ground-truth area (:meth:`QueryRecord.failed`; ``gt=None``: the
+    ground truth itself could not be read)."""
     failed = QueryRecord.failed(gt, error, **_labels(query))
     return BenchRecord(**failed.model_dump(), route=route, text=query.text, seconds=seconds)

@@ -35,15 +35,15 @@ from llavaseg.bench.dialogue import (
     dialogue_metrics,
     load_dialogue,
 )
-from llavaseg.bench.overlays import OverlayRow, write_grid
+from llavaseg.bench.outputs import write_outputs
 from llavaseg.bench.records import BenchRecord
 from llavaseg.bench.scoring import one_line, route_file, run_route
 from llavaseg.bench.report import (
     BenchResults,
     Environment,
     RouteSummary,
-    write_results,
 )
+from llavaseg.bench.summaries import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, Statistics, compare_routes, route_metrics
 from llavaseg.data.annotations import STAGES_FILE
 from llavaseg.models.components import Components, ComponentSpec, build_components, check_spec
 from llavaseg.models.presets import get_preset
@@ -52,7 +52,6 @@ from llavaseg.provenance import Provenance, package_versions, text_digest
 from llavaseg.routes.registry import (RouteContext, build_route, check_route_names, route_entry, route_names,
                                       route_needs, route_untrained)
 from llavaseg.errors import InputError, LlavasegError, UntrainedError
-from llavaseg.evaluate import SplitMetrics, summarize
 
 __all__ = ["BenchSettings", "run_benchmark", "check_preset_files", "shared_components"]
 
@@ -83,6 +82,14 @@ class BenchSettings:
     dialogue: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
     overlay_rows: int = 6
+    lisa_compat: bool = False  # LISA's accumulation (and, for ReasonSeg, its first text per image)
+    bootstrap: int = DEFAULT_BOOTSTRAP  # resamples behind the 95% intervals (0: none)
+    permutations: int = DEFAULT_PERMUTATIONS  # sign-flip patterns behind the paired p-values
+    seed: int = 0
+
+    def statistics(self) -> Statistics:
+        return Statistics(lisa_compat=self.lisa_compat, bootstrap=self.bootstrap, permutations=self.permutations,
+                          seed=self.seed)
 
 
 def check_preset_files(spec: ComponentSpec, name: str | None = None) -> None:
@@ -139,29 +146,6 @@ def _models_fingerprint(parts: Components) -> str:
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def _summaries(records: list[BenchRecord], groups: dict[str, str] | None) -> dict[str, SplitMetrics]:
-    if groups is None:
-        return summarize(records)
-    labels = list(dict.fromkeys(groups.values()))
-    return {label: summarize([r for r in records if groups[r.query_id] == label])["overall"] for label in labels}
-
-
-def _overlay_rows(queries: list, per_route: dict[str, list[BenchRecord]], count: int) -> list[OverlayRow]:
-    rows = []
-    for index, query in enumerate(queries[:count]):
-        try:
-            image, gt = query.load_image(), query.load_mask()
-        except LlavasegError:
-            continue
-        cells = {}
-        for name, records in per_route.items():
-            record = records[index]
-            label = f"IoU {record.iou:.2f}" if record.error is None else "error"
-            cells[name] = (record.predicted_mask(), label)
-        rows.append(OverlayRow(image=image, gt=gt, text=query.text, cells=cells))
-    return rows
 
 
 def _requested_routes(settings: BenchSettings) -> tuple[list[str], dict[str, str]]:
@@ -249,13 +233,13 @@ def _probe_dialogue(routes: dict[str, object], base_answer, items: list[Dialogue
 
 def _summaries_of(per_route: dict[str, list[BenchRecord]], costs: dict[str, tuple[int, float, float | None]],
                   groups: dict[str, str] | None, dialogue: dict[str, DialogueMetrics],
-                  parts: Components) -> dict[str, RouteSummary]:
+                  parts: Components, stats: Statistics) -> dict[str, RouteSummary]:
     summaries = {}
     for name, records in per_route.items():
         resumed, rss, cuda_mb = costs[name]
         summaries[name] = RouteSummary(
             route=name, summary=route_entry(name).summary, untrained=route_untrained(name, parts.untrained),
-            metrics=_summaries(records, groups), n_queries=len(records),
+            metrics=route_metrics(records, groups, stats), n_queries=len(records),
             n_errors=sum(r.error is not None for r in records), n_resumed=resumed,
             seconds_per_query=float(np.mean([r.seconds for r in records])), peak_rss_mb=rss, cuda_peak_mb=cuda_mb,
             dialogue=dialogue.get(name))
@@ -267,7 +251,9 @@ def _environment(settings: BenchSettings, config: RunConfig, provenance: Provena
         benchmark=settings.benchmark, preset=settings.preset, data=settings.data, split=settings.split,
         device=settings.device, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         versions=package_versions(), first_text_only=settings.first_text_only, limit=settings.limit,
-        batch_size=settings.batch_size, prompts=config.prompts, dialogue=config.dialogue, extra=dict(settings.extra))
+        batch_size=settings.batch_size, prompts=config.prompts, dialogue=config.dialogue, extra=dict(settings.extra),
+        protocol="lisa" if settings.lisa_compat else "default", bootstrap=settings.bootstrap,
+        permutations=settings.permutations, seed=settings.seed)
 
 
 def _open_run(settings: BenchSettings, requested: list[str], prompts) -> tuple[RunConfig, Components]:
@@ -305,7 +291,8 @@ def _provenance(parts: Components, prompts) -> Provenance:
 
 def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, str] | None = None) -> BenchResults:
     """Run (or resume) a benchmark into ``settings.out_dir`` and return its results (also written to disk:
-    ``results.json``, ``results.csv``, ``overlays.png``; ``render_table`` prints them).
+    ``results.json``, ``results.csv``, ``overlays.png``, the charts and ``report.html``; ``render_table``
+    prints them).
 
     ``queries`` is the selection (after ``--limit``); ``groups`` maps query ids to metric groups (RefCOCO
     splits) - without it metrics are ReasonSeg's overall/short/long.
@@ -321,10 +308,10 @@ def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, s
     routes, not_built = _build_routes(settings, requested, parts, prompts)
     per_route, costs = _score_routes(routes, queries, settings)
     base_metrics, route_dialogue = _probe_dialogue(routes, parts.mllm.answer, items, settings)
+    stats = settings.statistics()
     results = BenchResults(environment=_environment(settings, config, _provenance(parts, prompts)),
-                           routes=_summaries_of(per_route, costs, groups, route_dialogue, parts),
-                           skipped_routes={**skipped, **not_built}, base_dialogue=base_metrics)
-    out = Path(settings.out_dir)
-    write_results(out, results)
-    write_grid(out / "overlays.png", _overlay_rows(queries, per_route, settings.overlay_rows), list(per_route))
+                           routes=_summaries_of(per_route, costs, groups, route_dialogue, parts, stats),
+                           skipped_routes={**skipped, **not_built}, base_dialogue=base_metrics,
+                           comparisons=compare_routes(per_route, stats))
+    write_outputs(Path(settings.out_dir), results, per_route, queries, settings.overlay_rows)
     return results

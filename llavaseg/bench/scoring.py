@@ -32,7 +32,6 @@ from llavaseg.images import check_query, image_digest, limit_query
 __all__ = ["route_file", "make_batches", "score_batch", "run_route", "one_line", "input_key"]
 
 logger = logging.getLogger(__name__)
-_UNREADABLE = np.zeros((1, 1), dtype=np.uint8)  # the ground truth of a query whose mask cannot be read
 
 
 def input_key(image: np.ndarray | BaseException, gt: np.ndarray | BaseException, text: str) -> str:
@@ -99,7 +98,7 @@ def score_batch(name: str, route, batch: list) -> list[BenchRecord]:
             images[str(query.sample_id)] = _load(query.load_image)
     loaded = [_load(query.load_mask) for query in batch]
     keys = [input_key(images[str(q.sample_id)], gt, q.text) for q, gt in zip(batch, loaded, strict=True)]
-    gts = [_UNREADABLE if isinstance(gt, BaseException) else gt for gt in loaded]
+    gts = [None if isinstance(gt, BaseException) else gt for gt in loaded]
     records: dict[int, BenchRecord] = {}
     runnable: list[int] = []
     texts: dict[int, str] = {}

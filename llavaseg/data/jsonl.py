@@ -14,6 +14,11 @@ Each line describes one query::
   polygons are rasterised exactly like ReasonSeg's (see :func:`~llavaseg.data.reasonseg.polygons_to_mask`);
 * optional ``is_sentence`` (default ``false``) and ``id`` (default ``"<file stem>:<line number>"``).
 
+Several targets or none (gRefCOCO-style): ``"mask"`` may be a list of mask files, one per instance (the ground
+truth is their union, ``n_targets`` their number), and ``"no_target": true`` (with neither ``mask`` nor
+``polygons``) is a query whose answer is "nothing": its ground truth is empty, so only an empty prediction
+scores (IoU 1, counted by N-acc).
+
 The file is validated line by line when the dataset is opened, so a typo is reported with its line number
 before any model runs; masks and images are only decoded on ``load_mask`` / ``load_image``.
 """
@@ -68,6 +73,8 @@ class JsonlQuery(BaseModel):
     is_sentence: bool = False
     image_path: Path
     mask_path: Path | None = None
+    mask_paths: list[Path] | None = None  # several instance masks (their union is the ground truth)
+    no_target: bool = False
     shapes: list[dict[str, Any]] | None = None
     ignore_value: int | None = None
     sample_id: str
@@ -77,19 +84,33 @@ class JsonlQuery(BaseModel):
     def load_image(self) -> np.ndarray:
         return read_rgb(self.image_path)
 
+    @property
+    def n_targets(self) -> int | None:
+        """Annotated instances when the line says (a list of masks, or ``no_target``), else ``None``."""
+        if self.no_target:
+            return 0
+        return len(self.mask_paths) if self.mask_paths is not None else None
+
     def load_mask(self) -> np.ndarray:
         """``uint8`` 0/1(/255) mask at the image's size; a mask file of another size is an error."""
         height, width = image_hw(self.image_path)
+        if self.no_target:
+            return np.zeros((height, width), dtype=np.uint8)
         if self.shapes is not None:
             return polygons_to_mask(self.shapes, height, width)
-        assert self.mask_path is not None
-        mask = read_mask_image(self.mask_path, self.ignore_value)
-        if mask.shape != (height, width):
-            raise DatasetFormatError(
-                f"line {self.line}: mask {self.mask_path.name} is {mask.shape[1]}x{mask.shape[0]} "
-                f"but image {self.image_path.name} is {width}x{height}"
-            )
-        return mask
+        paths = self.mask_paths if self.mask_paths is not None else [self.mask_path]
+        union = np.zeros((height, width), dtype=np.uint8)
+        for path in paths:
+            assert path is not None
+            mask = read_mask_image(path, self.ignore_value)
+            if mask.shape != (height, width):
+                raise DatasetFormatError(
+                    f"line {self.line}: mask {path.name} is {mask.shape[1]}x{mask.shape[0]} "
+                    f"but image {self.image_path.name} is {width}x{height}"
+                )
+            # a target pixel of any instance wins over an ignore pixel of another
+            union = np.where(mask == 1, 1, np.where((union == 0) & (mask == IGNORE_VALUE), IGNORE_VALUE, union))
+        return union.astype(np.uint8)
 
 
 def _shapes_from_polygons(polygons: Any, where: str) -> list[dict[str, Any]]:
@@ -122,6 +143,25 @@ class JsonlDataset:
             raise DatasetFormatError(f"{where}: {key} file not found: {p}")
         return p
 
+    def _ground_truth(self, rec: dict[str, Any], where: str) -> dict[str, Any]:
+        """The line's ground-truth fields: exactly one of ``mask`` (a file or a list of instance files),
+        ``polygons`` or ``"no_target": true``."""
+        no_target = rec.get("no_target", False)
+        if not isinstance(no_target, bool):
+            raise DatasetFormatError(f"{where}: 'no_target' must be true or false")
+        given = [key for key in ("mask", "polygons") if key in rec] + (["no_target"] if no_target else [])
+        if len(given) != 1:
+            raise DatasetFormatError(f"{where}: give exactly one of 'mask' or 'polygons' (or \"no_target\": true)")
+        if no_target:
+            return {"no_target": True}
+        if "polygons" in rec:
+            return {"shapes": _shapes_from_polygons(rec["polygons"], where)}
+        if isinstance(rec["mask"], list):
+            if not rec["mask"]:
+                raise DatasetFormatError(f"{where}: 'mask' is an empty list (use \"no_target\": true)")
+            return {"mask_paths": [self._resolve(m, "mask", where) for m in rec["mask"]]}
+        return {"mask_path": self._resolve(rec["mask"], "mask", where)}
+
     def _parse(self) -> list[JsonlQuery]:
         try:
             lines = self.path.read_text(encoding="utf-8-sig").splitlines()
@@ -146,15 +186,11 @@ class JsonlDataset:
             text = rec["query"]
             if not isinstance(text, str) or not text.strip():
                 raise DatasetFormatError(f"{where}: 'query' must be a non-empty string")
-            has_mask, has_poly = "mask" in rec, "polygons" in rec
-            if has_mask == has_poly:
-                raise DatasetFormatError(f"{where}: give exactly one of 'mask' or 'polygons'")
             is_sentence = rec.get("is_sentence", False)
             if not isinstance(is_sentence, bool):
                 raise DatasetFormatError(f"{where}: 'is_sentence' must be true or false")
             image_path = self._resolve(rec["image"], "image", where)
-            mask_path = self._resolve(rec["mask"], "mask", where) if has_mask else None
-            shapes = _shapes_from_polygons(rec["polygons"], where) if has_poly else None
+            ground_truth = self._ground_truth(rec, where)
             qid = str(rec.get("id", f"{self.path.stem}:{lineno}"))
             if qid in seen_ids:
                 raise DatasetFormatError(f"{where}: duplicate id {qid!r}")
@@ -163,9 +199,8 @@ class JsonlDataset:
             text_index = per_image.get(sample_id, 0)
             per_image[sample_id] = text_index + 1
             queries.append(JsonlQuery(
-                query_id=qid, text=text, is_sentence=is_sentence, image_path=image_path, mask_path=mask_path,
-                shapes=shapes, ignore_value=self.ignore_value, sample_id=sample_id, text_index=text_index,
-                line=lineno,
+                query_id=qid, text=text, is_sentence=is_sentence, image_path=image_path, **ground_truth,
+                ignore_value=self.ignore_value, sample_id=sample_id, text_index=text_index, line=lineno,
             ))
         if not queries:
             raise DatasetFormatError(f"{self.path}: no queries (the file is empty)")

@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLIT_NAMES = ("train", "val", "test")
+"""ReasonSeg's split folder names: a folder so named is that split, whatever split is asked for."""
 LABELME_VERSION = "5.0.1"
 """Version string written into new files. LISA ignores it; LabelMe uses it only to warn on mismatch."""
 
@@ -226,7 +228,9 @@ def _find_split_dir(root: Path, split: str) -> Path:
     """Locate the folder holding the split's image/JSON pairs.
 
     Accepted: ``root/split``, LISA's nesting ``root/[dataset/][reason_seg/]ReasonSeg/split``, and ``root``
-    itself when it already is a split folder (named ``split``, or simply containing JSON files).
+    itself when it already is a split folder (named ``split``, or simply containing JSON files). A split
+    folder named after *another* split (``.../val`` asked for as ``test``) is refused: its samples would be
+    scored and labelled as the split asked for.
     """
     candidates = [
         root / split,
@@ -238,6 +242,9 @@ def _find_split_dir(root: Path, split: str) -> Path:
         if cand.is_dir():
             return cand
     if root.is_dir() and (root.name == split or any(root.glob("*.json"))):
+        if root.name.lower() in SPLIT_NAMES and root.name.lower() != split.lower():
+            raise DatasetFormatError(f"{root} is the {root.name!r} split folder, not {split!r}: ask for split "
+                                     f"{root.name!r}, or give the folder that holds {split}/")
         return root
     if not root.exists():
         raise DatasetFormatError(f"ReasonSeg root not found: {root}")

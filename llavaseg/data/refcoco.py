@@ -10,6 +10,10 @@ LISA's own tree nests this under ``refer_seg/``; that is detected too. Every sen
 split is one query; its mask is the referred annotation's segmentation (polygons or RLE, decoded with
 pycocotools). The metric is computed with :mod:`llavaseg.evaluate`; for RefCOCO the papers report cIoU.
 
+gRefCOCO (``grefcoco/grefs(unc).json``, read by LISA's ``grefer.py``) has refs with *several* targets or none:
+``ann_id`` is a list, ``[-1]`` (with ``no_target: true``) for an expression that matches nothing. The ground
+truth is then the union of the listed annotations, or empty; ``n_targets`` says how many.
+
 Why pickle: the official ``refs(unc).p`` / ``refs(google).p`` files are only distributed as Python
 pickles. They are read with an unpickler that builds plain data only (lists, dicts, strings, numbers) and
 refuses every class or callable, so a crafted file cannot run code; a ``refs(<split_by>).json`` with the same
@@ -34,7 +38,7 @@ from llavaseg.errors import DatasetFormatError
 
 __all__ = ["RefCocoQuery", "RefCocoDataset", "decode_segmentation", "load_refs", "DATASETS"]
 
-DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
+DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco")
 _COCO_IMAGE_DIR = Path("images/mscoco/images/train2014")
 _CLEF_IMAGE_DIR = Path("images/saiapr_tc-12")
 
@@ -183,6 +187,13 @@ def _split_matches(ref_split: str, split: str) -> bool:
     return ref_split == split
 
 
+def _ann_ids(ref: dict[str, Any]) -> list[Any]:
+    """The annotations a ref names: one (refer), a list (gRefCOCO), none (gRefCOCO's ``[-1]`` / ``no_target``)."""
+    ann_id = ref["ann_id"]
+    ids = ann_id if isinstance(ann_id, list) else [ann_id]
+    return [] if ref.get("no_target") else [a for a in ids if a != -1]
+
+
 class RefCocoQuery(BaseModel):
     """One referring expression (sentence) of one ref. Implements :class:`~llavaseg.data.base.SegQuery`."""
 
@@ -201,6 +212,8 @@ class RefCocoQuery(BaseModel):
     width: int
     segmentation: Any
     category: str | None = None
+    segmentations: list[Any] | None = None  # gRefCOCO: every target's segmentation ([] = no target)
+    n_targets: int = 1
 
     @property
     def is_sentence(self) -> bool:
@@ -214,8 +227,14 @@ class RefCocoQuery(BaseModel):
         return read_rgb(self.image_path)
 
     def load_mask(self) -> np.ndarray:
-        """``uint8 H x W`` 0/1 mask at the size recorded in ``instances.json``."""
-        return decode_segmentation(self.segmentation, self.height, self.width)
+        """``uint8 H x W`` 0/1 mask at the size recorded in ``instances.json`` (the union of a gRefCOCO ref's
+        targets; all zeros when it has none)."""
+        if self.segmentations is None:
+            return decode_segmentation(self.segmentation, self.height, self.width)
+        mask = np.zeros((self.height, self.width), dtype=np.uint8)
+        for segmentation in self.segmentations:
+            mask |= decode_segmentation(segmentation, self.height, self.width)
+        return mask
 
 
 class RefCocoDataset:
@@ -253,7 +272,8 @@ class RefCocoDataset:
         self._queries = self._build(lowercase)
 
     def _find_refs_file(self) -> Path:
-        names = [f"refs({self.split_by}).json", f"refs({self.split_by}).p", "refs.json"]
+        names = [f"refs({self.split_by}).json", f"refs({self.split_by}).p", "refs.json",
+                 f"grefs({self.split_by}).json", f"grefs({self.split_by}).p"]
         for name in names:
             if (self.data_dir / name).is_file():
                 return self.data_dir / name
@@ -280,34 +300,43 @@ class RefCocoDataset:
             found = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
             raise DatasetFormatError(f"{self.refs_path}: no refs in split {self.split!r} (splits present: {found})")
 
-        wanted_anns = {r.get("ann_id") for r in chosen}
+        wanted_anns = {a for r in chosen for a in _ann_ids(r)}
         anns = {a["id"]: a for a in instances["annotations"] if a.get("id") in wanted_anns}
         images = {im["id"]: im for im in instances["images"]}
         cats = {c["id"]: c.get("name") for c in instances.get("categories", [])}
-
-        queries: list[RefCocoQuery] = []
         try:
             chosen.sort(key=lambda r: (r["image_id"], r["ref_id"]))
-            for ref in chosen:
-                ref_id, ann_id, image_id = int(ref["ref_id"]), ref["ann_id"], ref["image_id"]
-                if ann_id not in anns:
-                    raise DatasetFormatError(f"ref {ref_id}: annotation {ann_id} not in {inst_path}")
-                if image_id not in images:
-                    raise DatasetFormatError(f"ref {ref_id}: image {image_id} not in {inst_path}")
-                image = images[image_id]
-                for idx, sent in enumerate(ref["sentences"]):
-                    raw = str(sent["sent"]) if "sent" in sent else str(sent["raw"])
-                    text = raw.strip().lower() if lowercase else raw.strip()
-                    sent_id = int(sent.get("sent_id", idx))
-                    queries.append(RefCocoQuery(
-                        query_id=f"{self.dataset}_{self.split_by}_{self.split}/{ref_id}#{sent_id}",
-                        text=text, raw_text=raw, text_index=idx, ref_id=ref_id, ann_id=int(ann_id),
-                        sent_id=sent_id, image_id=int(image_id), image_path=self.image_dir / image["file_name"],
-                        height=int(image["height"]), width=int(image["width"]),
-                        segmentation=anns[ann_id].get("segmentation"), category=cats.get(ref.get("category_id")),
-                    ))
+            return [query for ref in chosen for query in self._ref_queries(ref, anns, images, cats, lowercase)]
         except (KeyError, TypeError) as exc:
             raise DatasetFormatError(f"{self.refs_path}: malformed ref or image record (missing {exc})") from None
+
+    def _ref_queries(self, ref: dict[str, Any], anns: dict, images: dict, cats: dict, lowercase: bool
+                     ) -> list[RefCocoQuery]:
+        """One query per sentence of ``ref`` (a gRefCOCO ref may name several annotations, or none)."""
+        inst_path = self.data_dir / "instances.json"
+        ref_id, image_id, ann_ids = int(ref["ref_id"]), ref["image_id"], _ann_ids(ref)
+        for ann_id in ann_ids:
+            if ann_id not in anns:
+                raise DatasetFormatError(f"ref {ref_id}: annotation {ann_id} not in {inst_path}")
+        if image_id not in images:
+            raise DatasetFormatError(f"ref {ref_id}: image {image_id} not in {inst_path}")
+        image = images[image_id]
+        several = isinstance(ref["ann_id"], list)
+        category = ref.get("category_id")
+        category = category[0] if isinstance(category, list) and category else category
+        queries = []
+        for idx, sent in enumerate(ref["sentences"]):
+            raw = str(sent["sent"]) if "sent" in sent else str(sent["raw"])
+            sent_id = int(sent.get("sent_id", idx))
+            queries.append(RefCocoQuery(
+                query_id=f"{self.dataset}_{self.split_by}_{self.split}/{ref_id}#{sent_id}",
+                text=raw.strip().lower() if lowercase else raw.strip(), raw_text=raw, text_index=idx, ref_id=ref_id,
+                ann_id=int(ann_ids[0]) if ann_ids else -1, sent_id=sent_id, image_id=int(image_id),
+                image_path=self.image_dir / image["file_name"], height=int(image["height"]),
+                width=int(image["width"]), segmentation=anns[ann_ids[0]].get("segmentation") if ann_ids else None,
+                segmentations=[anns[a].get("segmentation") for a in ann_ids] if several else None,
+                n_targets=len(ann_ids), category=cats.get(category) if not isinstance(category, list) else None,
+            ))
         return queries
 
     def __len__(self) -> int:
