@@ -3,6 +3,7 @@
     llavaseg segment IMAGE "QUERY" --out mask.png [--overlay overlay.png] [component flags]
     llavaseg segment FOLDER|"GLOB"|LIST.jsonl ["QUERY"] --out DIR     (many images, models loaded once)
     llavaseg presets
+    llavaseg demo [--preset P | --pipeline DIR | component flags] [--port N] [--share]   (web page; [demo] extra)
 
 Many images: a folder or a glob takes one QUERY for every image; a JSONL file has one ``{"image", "query"}``
 object per line (image paths relative to the file). The models load once, images are batched, progress is
@@ -24,6 +25,7 @@ from pathlib import Path
 from llavaseg.atomic import atomic_write
 from llavaseg.cli.common import (add_component_arguments, add_device_argument, add_version_argument, check_device,
                                  components_from_args, writable_dir, writable_file)
+from llavaseg.cli.demo import add_demo_parser  # argparse only: Gradio is imported when the demo runs
 from llavaseg.cli.inputs import SegmentJob, collect_jobs
 from llavaseg.errors import InputError, run_guarded
 
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     add_device_argument(segment)
     add_component_arguments(segment)
     commands.add_parser("presets", help="list the model presets")
+    add_demo_parser(commands)
     return parser
 
 
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, description in list_presets().items():
                 print(f"{name:16s} {description}")
             return 0
+        if args.command == "demo":
+            from llavaseg.cli.demo import run_demo
+
+            return run_demo(args)
         return _segment(args)
 
     return run_guarded(PROG, action, interrupted_hint="finished images are saved; re-run the same command to resume")
