@@ -148,6 +148,41 @@ def seg_token_half(parts: Any, images, texts, sentences, masks, *, repeats: int)
             "trainable_parameters": sum(p.numel() for p in model.trainable_parameters().values())}
 
 
+def realistic_components(seed: int = 0) -> Any:
+    """Components at a realistic size, random weights: a LLaVA-shaped MLLM whose LLM has Qwen2-0.5B's shape
+    (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocabulary 151,936: ~0.6 B parameters with the
+    untied LM head) behind a CLIP-ViT-B/16-shaped tower (224 px, 196 image tokens), SAM ViT-B at 1024 px, and an
+    open_clip ViT-L/14 text tower; adapters as the real presets size them."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from llavaseg.models.components import Components, build_sam, build_text_encoder, new_adapters
+    from llavaseg.models.mllm import FrozenMLLM
+    from llavaseg.models.tiny_llava import IMAGE_TOKEN, TinyLlavaSpec, build_tiny_processor, tiny_vocabulary
+
+    spec = TinyLlavaSpec(image_size=224, patch_size=16, vision_hidden=768, vision_layers=12, vision_heads=12,
+                         text_hidden=896, text_layers=24, text_heads=14, text_intermediate=4864, max_positions=2048)
+    processor = build_tiny_processor(tiny_vocabulary(), spec)
+    tokenizer = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, image_size=224, patch_size=16, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048,
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=spec.num_image_tokens,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    mllm = FrozenMLLM(model, processor, name="llava-qwen2-0.5b-shaped-random", max_new_tokens=16)
+    sam = build_sam("random:vit_b", device="cpu")
+    text_encoder = build_text_encoder("ViT-L-14", None, device="cpu")
+    adapters = new_adapters(sam, text_encoder, dim=256, heads=8, scales=(8, 4, 2, 2, 1), seed=seed)
+    return Components(mllm, sam, text_encoder, adapters, untrained=("mllm", "sam", "clip", "adapters"))
+
+
 def published_scale_parameters() -> dict[str, Any]:
     """Trainable parameters at published scale (LLaVA-7B + SAM ViT-H), counted from the architectures.
 
@@ -183,34 +218,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: results/train_step[-realistic].json)")
+    parser.add_argument("--size", choices=["preset", "realistic"], default="preset",
+                        help="realistic: a LLaVA-shaped model with a ~0.5 B-parameter LLM (random weights), "
+                             "SAM ViT-B at 1024 px, an open_clip ViT-L/14 text tower")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS.with_name("train_step-realistic.json" if args.size == "realistic" else RESULTS.name)
     torch.set_num_threads(args.threads)
 
-    from llavaseg.models.presets import (
-        PRESETS,
-        Components,
-        build_mllm,
-        build_sam,
-        build_text_encoder,
-        new_adapters,
-    )
+    from llavaseg.models.components import build_components
+    from llavaseg.models.presets import get_preset
     from llavaseg.prompting import PromptSet
 
-    preset = PRESETS[args.preset]
-    sam = build_sam(preset.sam_type, preset.sam_checkpoint, device="cpu")
-    text_encoder = build_text_encoder(preset.clip_model, preset.clip_pretrained, device="cpu")
-    mllm = build_mllm(preset.mllm, device="cpu", dtype="auto", quantization=None)
-    adapters = new_adapters(sam, text_encoder, dim=preset.adapter_dim, heads=preset.adapter_heads,
-                            scales=preset.adapter_scales, seed=args.seed)
-    parts = Components(mllm, sam, text_encoder, adapters)
+    if args.size == "realistic":
+        parts = realistic_components(args.seed)
+    else:
+        parts = build_components(get_preset(args.preset).spec(), device="cpu", allow_untrained=True)
+        if parts.adapters is None or "adapters" not in parts.untrained:  # a fresh start, as training begins
+            from llavaseg.models.components import new_adapters
+
+            spec = get_preset(args.preset)
+            parts.adapters = new_adapters(parts.sam, parts.text_encoder, dim=spec.adapter_dim,
+                                          heads=spec.adapter_heads, scales=spec.adapter_scales, seed=args.seed)
     prompts = PromptSet.load()
     images, texts, sentences, masks, _ = _batch(args.batch_size, args.seed)
 
     adapter = adapter_half(parts, prompts, images, texts, sentences, masks, repeats=args.repeats)
     seg = seg_token_half(parts, images, texts, sentences, masks, repeats=args.repeats)
     result: dict[str, Any] = {
-        "preset": args.preset, "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
+        "preset": args.preset if args.size == "preset" else "realistic (random weights)",
+        "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
         "image_size": list(images[0].shape[:2]), "adapter": adapter, "seg_token": seg,
         "published_scale": published_scale_parameters(),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),

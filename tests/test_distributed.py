@@ -39,3 +39,27 @@ def test_two_process_training_equals_one_process(world_data, tmp_path) -> None:
     shards = [set(json.loads(next((tmp_path / f"cache-{n}").rglob("index.json")).read_text())["shards"])
               for n in ("one", "two")]
     assert shards[0] == shards[1]
+
+
+def _bench(out, processes: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(processes)] if processes > 1 else [sys.executable]
+    command = [*launcher, "-m", "llavaseg.cli.bench", "reasonseg", "--limit", "8", "--routes",
+               "llavaseg,training-free", "--no-dialogue", "--batch-size", "2", "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_benchmark_equals_one_process(tmp_path) -> None:
+    import json
+
+    one, two = _bench(tmp_path / "one", 1), _bench(tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    for route in ("llavaseg", "training-free"):
+        rows = [[json.loads(line) for line in (tmp_path / name / f"queries-{route}.jsonl").read_text().splitlines()]
+                for name in ("one", "two")]
+        assert [(r["query_id"], r["iou"], r["mask"]) for r in rows[0]] == [(r["query_id"], r["iou"], r["mask"])
+                                                                           for r in rows[1]]
+    metrics = [json.loads((tmp_path / name / "results.json").read_text())["routes"] for name in ("one", "two")]
+    assert {k: v["metrics"] for k, v in metrics[0].items()} == {k: v["metrics"] for k, v in metrics[1].items()}
+    assert not list((tmp_path / "two").glob("*.rank*.jsonl"))  # merged by rank 0

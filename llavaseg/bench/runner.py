@@ -37,21 +37,40 @@ from llavaseg.bench.dialogue import (
 )
 from llavaseg.bench.outputs import write_outputs
 from llavaseg.bench.records import BenchRecord
-from llavaseg.bench.scoring import one_line, route_file, run_route
 from llavaseg.bench.report import (
     BenchResults,
     Environment,
     RouteSummary,
 )
-from llavaseg.bench.summaries import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, Statistics, compare_routes, route_metrics
+from llavaseg.bench.scoring import one_line, route_file, run_route
+from llavaseg.bench.summaries import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_PERMUTATIONS,
+    Statistics,
+    compare_routes,
+    route_metrics,
+)
 from llavaseg.data.annotations import STAGES_FILE
-from llavaseg.models.components import Components, ComponentSpec, build_components, check_spec
+from llavaseg.distributed import World, world
+from llavaseg.errors import InputError, LlavasegError, UntrainedError
+from llavaseg.models.components import (
+    Components,
+    ComponentSpec,
+    build_components,
+    check_spec,
+)
 from llavaseg.models.presets import get_preset
 from llavaseg.models.sources import parse_source
 from llavaseg.provenance import Provenance, package_versions, text_digest
-from llavaseg.routes.registry import (RouteContext, build_route, check_route_names, route_entry, route_names,
-                                      route_needs, route_untrained)
-from llavaseg.errors import InputError, LlavasegError, UntrainedError
+from llavaseg.routes.registry import (
+    RouteContext,
+    build_route,
+    check_route_names,
+    route_entry,
+    route_names,
+    route_needs,
+    route_untrained,
+)
 
 __all__ = ["BenchSettings", "run_benchmark", "check_preset_files", "shared_components"]
 
@@ -193,7 +212,7 @@ def _build_routes(settings: BenchSettings, requested: list[str], parts, prompts
     return routes, skipped
 
 
-def _score_routes(routes: dict[str, object], queries: list, settings: BenchSettings
+def _score_routes(routes: dict[str, object], queries: list, settings: BenchSettings, place: World = World()
                   ) -> tuple[dict[str, list[BenchRecord]], dict[str, tuple[int, float, float | None]]]:
     """Per-query records of every route (resumed where already scored) and each route's cost figures."""
     import torch
@@ -205,7 +224,7 @@ def _score_routes(routes: dict[str, object], queries: list, settings: BenchSetti
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         store = route_file(Path(settings.out_dir), "queries", name)
-        per_route[name], resumed = run_route(name, route, queries, store, settings.batch_size)
+        per_route[name], resumed = run_route(name, route, queries, store, settings.batch_size, place)
         costs[name] = (resumed, _peak_rss_mb(), torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
     return per_route, costs
 
@@ -289,13 +308,16 @@ def _provenance(parts: Components, prompts) -> Provenance:
                       templates={stage: text_digest(t.text) for stage, t in prompts.templates.items()})
 
 
-def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, str] | None = None) -> BenchResults:
+def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, str] | None = None
+                  ) -> BenchResults | None:
     """Run (or resume) a benchmark into ``settings.out_dir`` and return its results (also written to disk:
     ``results.json``, ``results.csv``, ``overlays.png``, the charts and ``report.html``; ``render_table``
     prints them).
 
     ``queries`` is the selection (after ``--limit``); ``groups`` maps query ids to metric groups (RefCOCO
-    splits) - without it metrics are ReasonSeg's overall/short/long.
+    splits) - without it metrics are ReasonSeg's overall/short/long. Under ``torchrun`` every rank scores its
+    share of each route's batches (:func:`~llavaseg.bench.scoring.run_route`); rank 0 returns the results, the
+    other ranks ``None``.
     """
     from llavaseg.prompting import PromptSet
 
@@ -306,7 +328,10 @@ def run_benchmark(settings: BenchSettings, queries: list, *, groups: dict[str, s
     items = load_dialogue(settings.dialogue, max_images=settings.limit) if settings.dialogue is not None else None
     config, parts = _open_run(settings, requested, prompts)
     routes, not_built = _build_routes(settings, requested, parts, prompts)
-    per_route, costs = _score_routes(routes, queries, settings)
+    place = world(settings.device)
+    per_route, costs = _score_routes(routes, queries, settings, place)
+    if not place.is_main:
+        return None  # rank 0 probes dialogue and writes the results
     base_metrics, route_dialogue = _probe_dialogue(routes, parts.mllm.answer, items, settings)
     stats = settings.statistics()
     results = BenchResults(environment=_environment(settings, config, _provenance(parts, prompts)),

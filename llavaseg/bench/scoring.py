@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from llavaseg.bench.jsonl import append_jsonl, read_jsonl
+from llavaseg.bench.jsonl import append_jsonl, read_jsonl, write_atomic
 from llavaseg.bench.records import BenchRecord, record_from_error, record_from_result
+from llavaseg.distributed import World, barrier
 from llavaseg.errors import InputError, LlavasegError
 from llavaseg.images import check_query, image_digest, limit_query
 
@@ -166,9 +167,28 @@ def _still_valid(done: dict[str, BenchRecord], queries: list) -> list:
     return changed
 
 
-def run_route(name: str, route, queries: list, store: Path, batch_size: int) -> tuple[list[BenchRecord], int]:
-    """Score every query of ``queries`` with ``route``, reusing ``store``; returns (records, n_resumed)."""
-    done = {record.query_id: record for record in read_jsonl(store, BenchRecord)}  # the last line of a query wins
+def _rank_file(store: Path, rank: int) -> Path:
+    return store.with_name(f"{store.stem}.rank{rank}{store.suffix}")
+
+
+def _stored(store: Path) -> dict[str, BenchRecord]:
+    """Every stored record of a route: the merged file, then any rank files a distributed run left."""
+    done: dict[str, BenchRecord] = {}
+    for path in [store, *sorted(store.parent.glob(f"{store.stem}.rank*{store.suffix}"))]:
+        done.update({record.query_id: record for record in read_jsonl(path, BenchRecord)})  # the last line wins
+    return done
+
+
+def run_route(name: str, route, queries: list, store: Path, batch_size: int, place: World = World()
+              ) -> tuple[list[BenchRecord], int]:
+    """Score every query of ``queries`` with ``route``, reusing ``store``; returns (records, n_resumed).
+
+    Distributed (``torchrun``): the pending queries are packed into the batches one process would make, and
+    rank ``r`` scores every ``size``-th batch from ``r`` into its own ``<store>.rank<r>.jsonl`` (so each batch is
+    computed exactly as in one process); rank 0 then merges them into ``store``. A killed run resumes from the
+    merged file and whatever rank files survived.
+    """
+    done = _stored(store)
     changed = _still_valid(done, queries)
     if changed:
         logger.warning("%s: %d stored queries changed since they were scored (image, ground truth or text); "
@@ -177,10 +197,22 @@ def run_route(name: str, route, queries: list, store: Path, batch_size: int) -> 
             del done[query.query_id]
     resumed = sum(query.query_id in done for query in queries)
     pending = [query for query in queries if query.query_id not in done]
-    with tqdm(total=len(pending), desc=name, unit="q", file=sys.stderr) as bar:
-        for batch in make_batches(pending, batch_size):
+    mine = make_batches(pending, batch_size)[place.rank:: place.size] if pending else []
+    target = _rank_file(store, place.rank) if place.distributed else store
+    with tqdm(total=sum(len(batch) for batch in mine), desc=name, unit="q", file=sys.stderr,
+              disable=not place.is_main) as bar:
+        for batch in mine:
             records = score_batch(name, route, batch)
-            append_jsonl(store, records)
+            append_jsonl(target, records)
             done.update({record.query_id: record for record in records})
             bar.update(len(batch))
+    if place.distributed:
+        barrier(place)
+        done = _stored(store)
+        if place.is_main:  # one merged file, in query order; the rank files are then redundant
+            merged = [done[query.query_id] for query in queries if query.query_id in done]
+            write_atomic(store, "".join(record.model_dump_json() + "\n" for record in merged))
+            for rank in range(place.size):
+                _rank_file(store, rank).unlink(missing_ok=True)
+        barrier(place)
     return [done[query.query_id] for query in queries], resumed

@@ -25,8 +25,15 @@ import sys
 from pathlib import Path
 
 from llavaseg.atomic import atomic_write_text
-from llavaseg.cli.common import (add_component_arguments, add_device_argument, add_version_argument, check_device,
-                                 components_from_args, writable_dir, writable_file)
+from llavaseg.cli.common import (
+    add_component_arguments,
+    add_device_argument,
+    add_version_argument,
+    check_device,
+    components_from_args,
+    writable_dir,
+    writable_file,
+)
 from llavaseg.errors import InputError, run_guarded
 
 PROG = "llavaseg-bench"
@@ -163,7 +170,10 @@ def _run(settings, queries, **kwargs) -> int:
     from llavaseg.bench.runner import run_benchmark
 
     writable_dir(Path(settings.out_dir))
-    return _report(run_benchmark(settings, queries, **kwargs), settings.out_dir)
+    results = run_benchmark(settings, queries, **kwargs)
+    if results is None:  # another rank of a torchrun run: rank 0 reports
+        return 0
+    return _report(results, settings.out_dir)
 
 
 def _report(results, out_dir: Path) -> int:

@@ -37,7 +37,7 @@ from llavaseg.segmenter import Segmenter
 
 __all__ = ["DEMO_ROUTES", "DemoConfig", "DemoSession", "SavedResult", "image_path", "read_upload"]
 
-DEMO_ROUTES = ("llavaseg", "llavaseg-noattr", "seg-token", "training-free")
+DEMO_ROUTES = ("llavaseg", "llavaseg-verify", "llavaseg-noattr", "seg-token", "seg-token-cot", "training-free")
 """Routes a page can pick: those that run on a user's image alone (``llavaseg-oracle`` needs ground truth)."""
 
 KEPT_RESULTS = 200
