@@ -114,8 +114,10 @@ def test_candidates_and_the_verify_route(tiny) -> None:
     assert all(len(s.answers) == 1 + 2 + 3 and len(s.attribute_sets) == len(s.votes) for s in stages)
     common = (tiny.mllm, tiny.sam, tiny.text_encoder, tiny.adapters, prompts)
     first = VerifyRoute(*common, threshold=0.0, samples=0, beams=3, with_answer=False)(images, queries)
-    never = VerifyRoute(*common, threshold=1.0, samples=0, beams=3, with_answer=False)(images, queries)
+    never = VerifyRoute(*common, threshold=1.0, margin=0.0, samples=0, beams=3, with_answer=False)(images, queries)
     plain = VerifyRoute(*common, verify=False, samples=0, beams=0, with_answer=False)(images, queries)
+    stubborn = VerifyRoute(*common, threshold=1.0, margin=1.0, samples=0, beams=3, with_answer=False)(images, queries)
+    assert all(r.raw_outputs["kept"] == "0" for r in stubborn)  # no margin is ever reached: the first stays
     for a, b, c in zip(first, never, plain):
         assert a.raw_outputs["kept"] == "0" and np.array_equal(a.mask, c.mask)  # threshold 0: the first confirms
         candidates = json.loads(b.raw_outputs["candidates"])

@@ -25,8 +25,8 @@ from llavaseg.tinyworld.queries import TargetQuery
 from llavaseg.tinyworld.scenes import Scene
 from llavaseg.views import highlight_view
 
-__all__ = ["REGION_QUESTIONS", "object_mask", "highlighted_object", "region_turns", "remap_vocabulary",
-           "evaluate_region"]
+__all__ = ["REGION_QUESTIONS", "object_mask", "highlighted_object", "highlighted_other", "region_turns",
+           "region_view", "remap_vocabulary", "evaluate_region"]
 
 REGION_QUESTIONS = (("what color is the highlighted object ?", "color"),
                     ("what shape is the highlighted object ?", "shape"))
@@ -83,27 +83,34 @@ def remap_vocabulary(old_model: Any, old_tokenizer: Any, new_model: Any, new_tok
 @torch.inference_mode()
 def evaluate_region(mllm: Any, prompts: PromptSet, split: str = "val", seed: int = 0, count: int | None = None,
                     batch_size: int = 32) -> dict[str, float]:
-    """Verify accuracy on the target highlighted (``yes``) and on a confusable other object (``no``), and the
-    colour / shape answers about the highlighted object, through ``FrozenMLLM.answer`` (one-turn chats)."""
+    """The region chats as trained (``FrozenMLLM.converse``, each turn continuing the model's own answers): verify
+    accuracy with the target highlighted (``yes``) and with another object highlighted (``no``, one the query
+    could be confused with when there is one), then the colour and shape answers about that object."""
     from llavaseg.tinyworld.generate import iter_scenes
 
     rng = np.random.default_rng([seed, 17])
-    items: list[tuple[np.ndarray, str, str, str]] = []  # view, question, answer, kind
+    chats: list[tuple[np.ndarray, list[tuple[str, str]]]] = []
     for scene, image, queries, _ in iter_scenes(split, seed, count):
         array = np.asarray(image)
         for query in queries:
             others = [i for i in range(len(scene.objects)) if i != query.target_index]
-            picks = [query.target_index] + ([int(rng.choice(others))] if others else [])
-            for index in picks:
-                view = region_view(array, scene, index)
-                question, answer = region_turns(prompts, scene, query, index)[0]
-                items.append((view, question, answer, "verify_yes" if answer == "yes" else "verify_no"))
-            obj_view = region_view(array, scene, query.target_index)
-            for question, key in REGION_QUESTIONS:
-                items.append((obj_view, question, getattr(scene.objects[query.target_index], key), key))
+            for index in [query.target_index, *([highlighted_other(scene, query, rng)] if others else [])]:
+                chats.append((region_view(array, scene, index), region_turns(prompts, scene, query, index)))
     hits: dict[str, list[int]] = {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start: start + batch_size]
-        for (_, _, want, kind), got in zip(chunk, mllm.answer([v for v, *_ in chunk], [q for _, q, *_ in chunk])):
-            hits.setdefault(kind, []).append(got.strip() == want)
+    kinds = ("verify", *(key for _, key in REGION_QUESTIONS))
+    for start in range(0, len(chats), batch_size):
+        chunk = chats[start: start + batch_size]
+        replies = mllm.converse([view for view, _ in chunk], [[q for q, _ in turns] for _, turns in chunk])
+        for (_, turns), answers in zip(chunk, replies):
+            for kind, (_, want), got in zip(kinds, turns, answers):
+                name = f"verify_{want}" if kind == "verify" else kind
+                hits.setdefault(name, []).append(got.strip() == want)
     return {f"region_{kind}_accuracy": float(np.mean(values)) for kind, values in sorted(hits.items())}
+
+
+def highlighted_other(scene: Scene, query: TargetQuery, rng: np.random.Generator) -> int:
+    """Another object than the target, one sharing its shape when there is one (for the ``no`` case)."""
+    others = [i for i in range(len(scene.objects)) if i != query.target_index]
+    same = [i for i in others if scene.objects[i].shape == scene.objects[query.target_index].shape]
+    pool = same or others
+    return int(pool[int(rng.integers(len(pool)))])

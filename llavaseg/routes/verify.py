@@ -3,11 +3,12 @@
 Per query: stage 1 once; stage 2 greedily, ``samples`` times by seeded sampling and by beam search (optionally
 constrained to an attribute schema, optionally ordered by a self-consistency vote): :mod:`llavaseg.method.candidates`. Each distinct
 attribute set gives a candidate mask through the same adapters and frozen segmenter (the description alone is
-the last candidate). The frozen MLLM is then shown each candidate, in order, as the image with that region
-highlighted and the rest dimmed (:func:`llavaseg.views.highlight_view`), with the ``verify`` prompt; the
-first candidate whose probability of "yes" reaches ``threshold`` is kept (so a confirmed first candidate
-costs one check), otherwise the most probable one. Nothing is trained beyond the adapters; the chat answer is
-the frozen MLLM's own, as in ``llavaseg``.
+the last candidate). The frozen MLLM is then shown the first candidate as the image with that region
+highlighted and the rest dimmed (:func:`llavaseg.views.highlight_view`), with the ``verify`` prompt. If its
+probability of "yes" reaches ``threshold`` it is kept (one check); otherwise every other candidate is checked
+and the most probable one replaces it only if it is more probable by ``margin``: a check that errs now and then
+must not overturn a first answer that is usually right (measured in ``docs/tinyworld.md``). Nothing is trained
+beyond the adapters; the chat answer is the frozen MLLM's own, as in ``llavaseg``.
 
 Options (``RouteContext.options``): ``verify`` (default true), ``samples`` (6), ``temperature`` (1.0),
 ``vote`` (true), ``beams`` (4: beam-search alternatives, the candidates a confident small MLLM lacks), ``constrained`` (true when an attribute schema is known: the ``attribute_schema`` option, a
@@ -39,14 +40,14 @@ class VerifyRoute:
     def __init__(self, mllm, sam, text_encoder, adapters, prompts, *, verify: bool = True, samples: int = 6,
                  temperature: float = 1.0, vote: bool = True, beams: int = 4,
                  schema: dict[str, list[str]] | None = None,
-                 threshold: float = 0.5, max_candidates: int = 6, seed: int = 0, with_answer: bool = True,
-                 name: str = "llavaseg-verify") -> None:
-        if samples < 0 or max_candidates < 1 or not 0.0 <= threshold <= 1.0:
-            raise InputError("verify route: samples >= 0, max_candidates >= 1 and 0 <= threshold <= 1 required")
+                 threshold: float = 0.2, margin: float = 0.4, max_candidates: int = 6, seed: int = 0,
+                 with_answer: bool = True, name: str = "llavaseg-verify") -> None:
+        if samples < 0 or max_candidates < 1 or not 0.0 <= threshold <= 1.0 or not 0.0 <= margin <= 1.0:
+            raise InputError("verify route: samples >= 0, max_candidates >= 1, 0 <= threshold, margin <= 1 required")
         self.mllm, self.sam, self.text_encoder, self.adapters = mllm, sam, text_encoder, adapters.eval()
         self.prompts, self.name, self.with_answer = prompts, name, with_answer
         self.verify, self.samples, self.temperature, self.vote, self.beams = verify, samples, temperature, vote, beams
-        self.threshold, self.max_candidates, self.seed = threshold, max_candidates, seed
+        self.threshold, self.margin, self.max_candidates, self.seed = threshold, margin, max_candidates, seed
         self.constraint = attribute_constraint(mllm.tokenizer, schema) if schema else None
 
     def dialogue_model(self):
@@ -69,23 +70,26 @@ class VerifyRoute:
             out[i].append((mask, float(iou[row, 0])))
         return out
 
+    def _yes(self, images: list[np.ndarray], queries: list[str], masks: list[list[tuple[np.ndarray, float]]],
+             rows: list[int], position: int) -> list[float]:
+        views = [highlight_view(images[i], masks[i][position][0]) for i in rows]
+        checks = [self.prompts.render("verify", query=queries[i]) for i in rows]
+        return [float(p) for p in self.mllm.choice_probabilities(views, checks, ("yes", "no"))[:, 0]]
+
     def _check(self, images: list[np.ndarray], queries: list[str], masks: list[list[tuple[np.ndarray, float]]]
                ) -> tuple[list[int], list[list[float]]]:
-        """Rounds of one batched check per still-open query; returns the kept index and the "yes" probabilities."""
-        chosen: list[int | None] = [None] * len(images)
-        probabilities: list[list[float]] = [[] for _ in images]
-        for position in range(max(len(m) for m in masks)):
-            open_rows = [i for i in range(len(images)) if chosen[i] is None and position < len(masks[i])]
-            if not open_rows:
-                break
-            views = [highlight_view(images[i], masks[i][position][0]) for i in open_rows]
-            checks = [self.prompts.render("verify", query=queries[i]) for i in open_rows]
-            yes = self.mllm.choice_probabilities(views, checks, ("yes", "no"))[:, 0]
-            for i, p in zip(open_rows, yes):
-                probabilities[i].append(float(p))
-                if p >= self.threshold:
-                    chosen[i] = position
-        return [c if c is not None else int(np.argmax(probabilities[i])) for i, c in enumerate(chosen)], probabilities
+        """The kept candidate per query and the "yes" probabilities checked (one batched call per position)."""
+        probabilities = [[p] for p in self._yes(images, queries, masks, list(range(len(images))), 0)]
+        doubtful = [i for i in range(len(images)) if probabilities[i][0] < self.threshold]
+        for position in range(1, max((len(masks[i]) for i in doubtful), default=0)):
+            rows = [i for i in doubtful if position < len(masks[i])]
+            for i, p in zip(rows, self._yes(images, queries, masks, rows, position)):
+                probabilities[i].append(p)
+        kept = []
+        for i, p in enumerate(probabilities):
+            best = int(np.argmax(p))
+            kept.append(best if p[best] - p[0] >= self.margin else 0)
+        return kept, probabilities
 
     def __call__(self, images: list[np.ndarray], queries: list[str]) -> list[SegmentationResult]:
         timer = StageTimer()
@@ -157,6 +161,7 @@ def build(context) -> VerifyRoute:
                        verify=_flag(options.get("verify"), True), samples=int(options.get("samples", 6)),
                        temperature=float(options.get("temperature", 1.0)), vote=_flag(options.get("vote"), True),
                        beams=int(options.get("beams", 4)),
-                       schema=schema, threshold=float(options.get("threshold", 0.5)),
+                       schema=schema, threshold=float(options.get("threshold", 0.2)),
+                       margin=float(options.get("margin", 0.4)),
                        max_candidates=int(options.get("max_candidates", 6)), seed=int(options.get("seed", 0)),
                        with_answer=context.with_answer, name=str(options.get("name", "llavaseg-verify")))
