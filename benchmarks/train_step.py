@@ -148,7 +148,7 @@ def seg_token_half(parts: Any, images, texts, sentences, masks, *, repeats: int)
             "trainable_parameters": sum(p.numel() for p in model.trainable_parameters().values())}
 
 
-def realistic_components(seed: int = 0) -> Any:
+def realistic_components(seed: int = 0, device: str = "cpu") -> Any:
     """Components at a realistic size, random weights: a LLaVA-shaped MLLM whose LLM has Qwen2-0.5B's shape
     (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocabulary 151,936: ~0.6 B parameters with the
     untied LM head) behind a CLIP-ViT-B/16-shaped tower (224 px, 196 image tokens), SAM ViT-B at 1024 px, and an
@@ -173,14 +173,36 @@ def realistic_components(seed: int = 0) -> Any:
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=spec.num_image_tokens,
         vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(config).eval().to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     mllm = FrozenMLLM(model, processor, name="llava-qwen2-0.5b-shaped-random", max_new_tokens=16)
-    sam = build_sam("random:vit_b", device="cpu")
-    text_encoder = build_text_encoder("ViT-L-14", None, device="cpu")
+    sam = build_sam("random:vit_b", device=device)
+    text_encoder = build_text_encoder("ViT-L-14", None, device=device)
     adapters = new_adapters(sam, text_encoder, dim=256, heads=8, scales=(8, 4, 2, 2, 1), seed=seed)
     return Components(mllm, sam, text_encoder, adapters, untrained=("mllm", "sam", "clip", "adapters"))
+
+
+def inference_costs(parts: Any, prompts: Any, images: list[np.ndarray], texts: list[str]) -> dict[str, Any]:
+    """Seconds per query of each route on these components (one image and query at a time, after a warm-up;
+    untrained parts are random, so only the cost means anything), and peak RSS after each."""
+    import resource
+
+    from llavaseg.routes.registry import RouteContext, build_route
+
+    costs: dict[str, Any] = {}
+    for name in ("llavaseg", "llavaseg-verify", "seg-token", "training-free"):
+        context = RouteContext(components=parts, prompts=prompts, with_answer=True,
+                               options={"constrained": False} if name == "llavaseg-verify" else {})
+        route = build_route(name, context)
+        route(images[:1], texts[:1])  # warm-up (allocations, first-call work)
+        parts.sam.clear_cache()
+        start = time.perf_counter()
+        for image, text in zip(images, texts):
+            route([image], [text])
+        costs[name] = {"seconds_per_query": (time.perf_counter() - start) / len(images),
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return costs
 
 
 def published_scale_parameters() -> dict[str, Any]:
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: results/train_step[-realistic].json)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-inference", action="store_true", help="realistic size: skip the per-route inference costs")
     parser.add_argument("--size", choices=["preset", "realistic"], default="preset",
                         help="realistic: a LLaVA-shaped model with a ~0.5 B-parameter LLM (random weights), "
                              "SAM ViT-B at 1024 px, an open_clip ViT-L/14 text tower")
@@ -232,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     from llavaseg.prompting import PromptSet
 
     if args.size == "realistic":
-        parts = realistic_components(args.seed)
+        parts = realistic_components(args.seed, args.device)
     else:
-        parts = build_components(get_preset(args.preset).spec(), device="cpu", allow_untrained=True)
+        parts = build_components(get_preset(args.preset).spec(), device=args.device, allow_untrained=True)
         if parts.adapters is None or "adapters" not in parts.untrained:  # a fresh start, as training begins
             from llavaseg.models.components import new_adapters
 
@@ -244,18 +268,34 @@ def main(argv: list[str] | None = None) -> int:
     prompts = PromptSet.load()
     images, texts, sentences, masks, _ = _batch(args.batch_size, args.seed)
 
+    import resource
+
+    def rss_mb() -> float:  # the process's peak so far (monotone): the halves run in this order on purpose
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    rss_models = rss_mb()
     adapter = adapter_half(parts, prompts, images, texts, sentences, masks, repeats=args.repeats)
+    adapter["peak_rss_mb_after"] = rss_mb()
     seg = seg_token_half(parts, images, texts, sentences, masks, repeats=args.repeats)
+    seg["peak_rss_mb_after"] = rss_mb()
+    if args.device.startswith("cuda"):
+        seg["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result: dict[str, Any] = {
         "preset": args.preset if args.size == "preset" else "realistic (random weights)",
         "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
         "image_size": list(images[0].shape[:2]), "adapter": adapter, "seg_token": seg,
+        "peak_rss_mb_models_loaded": rss_models,
         "published_scale": published_scale_parameters(),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "notes": "median wall time per optimiser step after one warm-up; CPU shared with other jobs, "
                  "so absolute times are noisy, ratios less so",
     }
+    if args.size == "realistic" and not args.no_inference:
+        parts.untrained = (*parts.untrained, "seg_token")
+        result["inference"] = inference_costs(parts, prompts, images[:2], texts[:2])
+        for name, cost in result["inference"].items():
+            print(f"inference {name:16s} {cost['seconds_per_query']:8.2f} s/query")
     if seg.get("available"):
         result["wall_time_ratio_seg_over_adapter_cached"] = seg["step_seconds"] / adapter["step_seconds_cached"]
         result["wall_time_ratio_seg_over_adapter_uncached"] = seg["step_seconds"] / adapter["step_seconds_uncached"]

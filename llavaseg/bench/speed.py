@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.components import new_adapters
+from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.sam import FrozenSAM
 from llavaseg.models.text_encoder import FrozenTextEncoder
 from llavaseg.models.tiny_llava import TinyLlavaSpec, build_tiny_llava
@@ -79,7 +79,7 @@ def _scenes(count: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def llava_shaped_mllm() -> FrozenMLLM:
+def llava_shaped_mllm(device: str = "cpu") -> FrozenMLLM:
     """A random LLaVA-1.5-*shaped* model (336 px / patch 14 = 576 image tokens, narrow layers) for timing
     stage reuse where the prompt is as long as a real one; its answers are meaningless."""
     from llavaseg.models.tiny_llava import tiny_vocabulary
@@ -87,7 +87,7 @@ def llava_shaped_mllm() -> FrozenMLLM:
     spec = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4,
                          text_hidden=256, text_layers=4, text_heads=4, text_intermediate=512, max_positions=1024)
     model, processor = build_tiny_llava(tiny_vocabulary(), spec, seed=0)
-    return FrozenMLLM(model, processor, name="llava-shaped-random", max_new_tokens=16)
+    return FrozenMLLM(model.to(device), processor, name="llava-shaped-random", max_new_tokens=16)
 
 
 def measure_stage2_cache(mllm: FrozenMLLM, repeats: int = 3, max_new_tokens: int | None = None) -> Ratio:
@@ -109,10 +109,11 @@ def measure_stage2_cache(mllm: FrozenMLLM, repeats: int = 3, max_new_tokens: int
                   reencode, reused, note=f"MLLM {mllm.name}, {what}")
 
 
-def measure_repeat_image(mllm: FrozenMLLM, text_encoder: FrozenTextEncoder, sam_type: str = "vit_b") -> tuple[Ratio, dict]:
+def measure_repeat_image(mllm: FrozenMLLM, text_encoder: FrozenTextEncoder, sam_type: str = "vit_b",
+                         device: str = "cpu") -> tuple[Ratio, dict]:
     from llavaseg.segmenter import Segmenter
 
-    sam = FrozenSAM.create(sam_type, seed=0)
+    sam = FrozenSAM.create(sam_type, seed=0, device=device)
     adapters = new_adapters(sam, text_encoder, dim=128, heads=4, scales=(8, 4, 2, 2, 1)[-len(sam.feature_layers) - 1:])
     segmenter = Segmenter(mllm, sam, text_encoder, adapters, with_answer=False)
     image = _scenes(1, size=640, seed=3)[0]
@@ -148,10 +149,10 @@ def measure_batching(segmenter, batch: int = 8, repeats: int = 2) -> Ratio:
                   note="throughput ratio (queries per second, batch / single)")
 
 
-def measure_sam_encoder(sam_type: str = "vit_b", repeats: int = 2) -> Ratio:
+def measure_sam_encoder(sam_type: str = "vit_b", repeats: int = 2, device: str = "cpu") -> Ratio:
     from segment_anything import SamPredictor
 
-    sam = FrozenSAM.create(sam_type, seed=0)
+    sam = FrozenSAM.create(sam_type, seed=0, device=device, half_encoder=False)
     predictor = SamPredictor(sam.sam)
     image = _scenes(1, size=768, seed=5)[0]
 
@@ -168,25 +169,50 @@ def measure_sam_encoder(sam_type: str = "vit_b", repeats: int = 2) -> Ratio:
                   ours_s, note=f"{sam_type} at {sam.spec.image_size} px, random weights; ratio >= ~1 means no slower")
 
 
-def run_speed(preset: str = "tiny", *, full: bool = True, repeats: int = 2) -> SpeedReport:
+def measure_training_free(preset: str, device: str = "cpu", count: int = 16) -> Ratio:
+    """Seconds per query of the training-free route vs the llavaseg route, same tiny-world val queries (about
+    two texts per image, so per-image work is reused as in a benchmark)."""
+    from llavaseg.data.registry import open_dataset
+    from llavaseg.segmenter import Segmenter
+    from llavaseg.tinyworld.generate import default_tiny_world_source
+
+    queries = list(open_dataset(default_tiny_world_source("val")).queries())[:count]
+    images, texts = [q.load_image() for q in queries], [q.text for q in queries]
+    seconds = {}
+    for route in ("llavaseg", "training-free"):
+        segmenter = Segmenter.from_preset(preset, route=route, device=device, batch_size=8, with_answer=False)
+        segmenter(images[:2], texts[:2])  # warm-up
+        segmenter.sam.clear_cache()
+        start = time.perf_counter()
+        segmenter(images, texts)
+        seconds[route] = (time.perf_counter() - start) / count
+    return _ratio("training_free", "training-free route (s/query)", "llavaseg route (s/query)",
+                  seconds["training-free"], seconds["llavaseg"],
+                  note=f"{count} tiny-world val queries, {preset}; ratio = training-free / llavaseg time (target <= 3)")
+
+
+def run_speed(preset: str = "tiny", *, full: bool = True, repeats: int = 2, device: str = "cpu") -> SpeedReport:
     """All measurements; ``full=False`` skips the ViT-B ones (for a quick look)."""
     from llavaseg.segmenter import Segmenter
 
     report = SpeedReport(machine={"python": platform.python_version(), "torch": torch.__version__,
-                                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()})
-    segmenter = Segmenter.from_preset(preset, batch_size=8)
-    shaped = llava_shaped_mllm()
+                                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                                 "device": device})
+    segmenter = Segmenter.from_preset(preset, batch_size=8, device=device)
+    shaped = llava_shaped_mllm(device)
     report.ratios.append(measure_stage2_cache(shaped, repeats=repeats))
     report.ratios.append(measure_stage2_cache(shaped, repeats=repeats, max_new_tokens=1))
     report.ratios.append(measure_stage2_cache(segmenter.mllm, repeats=repeats))
     report.ratios.append(measure_batching(segmenter, repeats=repeats))
+    if preset == "tiny-world":
+        report.ratios.append(measure_training_free(preset, device))
     image = _scenes(1, seed=11)[0]
     segmenter.sam.clear_cache()
     report.stages[f"{preset}: first query"] = segmenter(image, "the large blue shape").timings
     report.stages[f"{preset}: later query, same image"] = segmenter(image, "the red circle").timings
     if full:
-        report.ratios.append(measure_sam_encoder(repeats=repeats))
-        ratio, stages = measure_repeat_image(segmenter.mllm, segmenter.text_encoder)
+        report.ratios.append(measure_sam_encoder(repeats=repeats, device=device))
+        ratio, stages = measure_repeat_image(segmenter.mllm, segmenter.text_encoder, device=device)
         report.ratios.append(ratio)
         report.stages.update({f"vit_b: {k}": v for k, v in stages.items()})
     report.peak_rss_mb = round(peak_rss_mb(), 1)

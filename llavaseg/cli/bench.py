@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--quick", action="store_true", help="skip the SAM ViT-B (1024 px) measurements")
     speed.add_argument("--repeats", type=int, default=2, help="best-of repeats per timing (default 2)")
     speed.add_argument("--out", type=Path, help="write the report JSON here")
+    speed.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     return parser
 
 
@@ -333,7 +334,7 @@ def _speed(args: argparse.Namespace) -> int:
     check_preset_files(PRESETS[args.preset])
     if args.out is not None:
         writable_file(args.out)
-    report = run_speed(args.preset, full=not args.quick, repeats=max(1, args.repeats))
+    report = run_speed(args.preset, full=not args.quick, repeats=max(1, args.repeats), device=check_device(args.device))
     print(format_report(report))
     if args.out is not None:
         atomic_write_text(args.out, report.model_dump_json(indent=2))

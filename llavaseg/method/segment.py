@@ -12,6 +12,7 @@ import torch
 
 from llavaseg.attributes import Attributes
 from llavaseg.models.adapters import MultiScaleAdapters
+from llavaseg.models.common import autocast_for
 from llavaseg.models.sam import FrozenSAM, SamImageFeatures
 from llavaseg.models.text_encoder import FrozenTextEncoder
 
@@ -56,7 +57,10 @@ def adapter_mask_logits(adapters: MultiScaleAdapters, sam: FrozenSAM, features: 
     device = sam.device
     levels = [torch.cat([f.levels[i] for f in features]).to(device) for i in range(len(features[0].levels))]
     embedding = torch.cat([f.embedding for f in features]).to(device)
-    sparse, dense_delta = adapters(text.to(device), text_mask.to(device), levels, embedding)
+    with autocast_for(device):
+        sparse, dense_delta = adapters(text.to(device), text_mask.to(device), levels, embedding)
+    sparse = sparse.float()
+    dense_delta = dense_delta.float() if dense_delta is not None else None
     dense = sam.no_mask_dense(len(features))
     if dense_delta is not None:
         dense = dense + dense_delta

@@ -6,13 +6,15 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
 from llavaseg.errors import CheckpointMismatchError, InputError
 
-__all__ = ["freeze", "resolve_dtype", "DTYPES", "state_dict_mismatch", "WEIGHT_FILE_ERRORS", "weights_error"]
+__all__ = ["freeze", "resolve_dtype", "DTYPES", "state_dict_mismatch", "WEIGHT_FILE_ERRORS", "weights_error",
+           "autocast_for"]
 
 WEIGHT_FILE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
@@ -68,3 +70,15 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str
         return detail + (f" (e.g. {wrong[0]}: checkpoint {tuple(given[wrong[0]].shape)} vs "
                          f"model {tuple(expected[wrong[0]].shape)})")
     return detail + f" (e.g. {(missing or unexpected)[0]})"
+
+
+def autocast_for(device: torch.device | str) -> Any:
+    """Mixed precision where it pays: bf16 autocast on CUDA (fp16 where bf16 is unsupported), nothing on CPU
+    (bf16 matmuls are slow there, and CPU results stay bit-identical to the recorded ones)."""
+    import contextlib
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
