@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from llavaseg.bench.charts import write_charts
-from llavaseg.bench.page import write_html
-from llavaseg.bench.overlays import OverlayRow, render_grid
 from llavaseg.bench.jsonl import write_atomic
+from llavaseg.bench.overlays import OverlayRow, render_grid
+from llavaseg.bench.page import write_html
 from llavaseg.bench.records import BenchRecord
 from llavaseg.bench.report import BenchResults, write_results
 from llavaseg.errors import LlavasegError

@@ -25,7 +25,6 @@ schemes in one folder, two predictions for one query) are one-line errors.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from llavaseg.bench.report import PredictionSource, Unmatched
+from llavaseg.data.base import json_object_lines
 from llavaseg.data.jsonl import read_mask_image
 from llavaseg.data.refcoco import decode_segmentation
 from llavaseg.errors import DatasetFormatError, InputError, LlavasegError
@@ -203,22 +203,7 @@ def _record_query(record: dict[str, Any], where: str, by_id: dict, by_key: dict)
 
 
 def _jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DatasetFormatError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetFormatError(f"{path.name} line {number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DatasetFormatError(f"{path.name} line {number}: expected a JSON object")
-        records.append((number, record))
-    return records
+    return list(json_object_lines(path))
 
 
 def _read_jsonl(name: str, path: Path, queries: list, selection: set[str] | None) -> PredictionSet:

@@ -24,7 +24,13 @@ from llavaseg.bench.predictions import PredictionSet, load_prediction, read_pred
 from llavaseg.bench.records import BenchRecord, record_from_error, record_from_result
 from llavaseg.bench.report import BenchResults, Environment, RouteSummary
 from llavaseg.bench.scoring import one_line, route_file
-from llavaseg.bench.summaries import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, Statistics, compare_routes, route_metrics
+from llavaseg.bench.summaries import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_PERMUTATIONS,
+    Statistics,
+    compare_routes,
+    route_metrics,
+)
 from llavaseg.errors import InputError, LlavasegError
 from llavaseg.provenance import package_versions
 from llavaseg.results import SegmentationResult

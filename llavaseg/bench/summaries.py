@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 from llavaseg.bench.records import BenchRecord
 from llavaseg.bench.report import RouteComparison
-from llavaseg.evaluate import QueryRecord, SplitMetrics, paired_test, split_metrics, summarize
+from llavaseg.evaluate import (
+    QueryRecord,
+    SplitMetrics,
+    paired_test,
+    split_metrics,
+    summarize,
+)
 
 __all__ = ["Statistics", "route_metrics", "compare_routes", "DEFAULT_BOOTSTRAP", "DEFAULT_PERMUTATIONS"]
 

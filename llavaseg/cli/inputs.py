@@ -6,11 +6,11 @@ Everything is checked here, before any model loads: files exist, queries are non
 from __future__ import annotations
 
 import glob
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llavaseg.data.base import json_object_lines
 from llavaseg.errors import InputError
 from llavaseg.images import check_query
 
@@ -51,14 +51,8 @@ def _unique_names(pairs: list[tuple[Path, str, str | None]]) -> list[SegmentJob]
 
 def _jsonl_jobs(path: Path) -> list[SegmentJob]:
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or "query" not in record:
+    for number, record in json_object_lines(path):
+        if not isinstance(record.get("image"), str) or "query" not in record:
             raise InputError(f"{path} line {number}: needs string fields 'image' and 'query'")
         image = Path(record["image"]).expanduser()
         image = image if image.is_absolute() else path.parent / image

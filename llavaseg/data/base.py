@@ -10,18 +10,19 @@ optionally ``255`` (ignored by the metric, LISA's convention). Images are ``uint
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-
-import math
 
 import numpy as np
 
 from llavaseg.errors import DatasetFormatError
 from llavaseg.images import MAX_ASPECT_RATIO, MAX_PIXELS, image_size, load_image
 
-__all__ = ["SegQuery", "SegDataset", "read_rgb", "image_hw", "check_coordinates", "IGNORE_VALUE", "MAX_COORDINATE"]
+__all__ = ["SegQuery", "SegDataset", "read_rgb", "image_hw", "check_coordinates", "json_object_lines",
+           "IGNORE_VALUE", "MAX_COORDINATE"]
 
 IGNORE_VALUE = 255
 """Mask value excluded from the metric (LISA's ``ignore_index``)."""
@@ -96,3 +97,24 @@ def image_hw(path: Path) -> tuple[int, int]:
     """``(height, width)`` of an image as :func:`read_rgb` returns it, from the header only (masks are
     rasterised at the image size; decoding the whole image for its size would double ``load_mask``'s cost)."""
     return image_size(Path(path))
+
+
+def json_object_lines(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSON-lines file (``text``, or ``path`` read as
+    UTF-8); a line that is not a JSON object is one :class:`DatasetFormatError` naming the file and line."""
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DatasetFormatError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetFormatError(f"{Path(path).name} line {number}: invalid JSON ({exc.msg} at column "
+                                     f"{exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DatasetFormatError(f"{Path(path).name} line {number}: expected a JSON object")
+        yield number, record

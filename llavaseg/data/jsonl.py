@@ -25,7 +25,6 @@ before any model runs; masks and images are only decoded on ``load_mask`` / ``lo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from llavaseg.data.base import IGNORE_VALUE, image_hw, read_rgb
+from llavaseg.data.base import IGNORE_VALUE, image_hw, json_object_lines, read_rgb
 from llavaseg.data.reasonseg import _validate_shape, polygons_to_mask
 from llavaseg.errors import DatasetFormatError
 
@@ -163,23 +162,11 @@ class JsonlDataset:
         return {"mask_path": self._resolve(rec["mask"], "mask", where)}
 
     def _parse(self) -> list[JsonlQuery]:
-        try:
-            lines = self.path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as exc:
-            raise DatasetFormatError(f"{self.path}: not UTF-8 text ({exc.reason})") from None
         queries: list[JsonlQuery] = []
         seen_ids: set[str] = set()
         per_image: dict[str, int] = {}
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        for lineno, rec in json_object_lines(self.path):
             where = f"{self.path.name} line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise DatasetFormatError(f"{where}: expected a JSON object")
             for key in ("image", "query"):
                 if key not in rec:
                     raise DatasetFormatError(f"{where}: missing key '{key}'")

@@ -120,7 +120,30 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, spec: SamSpec,
     sam.load_state_dict(state)
 
 
-class FrozenSAM:
+class FeatureMemo:
+    """The per-image feature memo every frozen segmenter keeps: pixel digest -> features, the least recently
+    used dropped beyond ``cache_size`` (a subclass fills ``_cache`` in its ``encode_batch``)."""
+
+    _cache: OrderedDict[str, SamImageFeatures]
+    cache_size: int
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[SamImageFeatures]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, image: np.ndarray) -> SamImageFeatures:
+        return self.encode_batch([image])[0]
+
+    def _remember(self, key: str, features: SamImageFeatures) -> None:
+        self._cache[key] = features
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+class FrozenSAM(FeatureMemo):
     """Frozen ``Sam`` with cached per-image features and a decoder that accepts prompt embeddings."""
 
     family = "sam"
@@ -266,18 +289,6 @@ class FrozenSAM:
                 self._remember(keys[index], features)
                 self._save_to_disk(keys[index], features)
         return [self._cache[key] for key in keys]
-
-    def encode(self, image: np.ndarray) -> SamImageFeatures:
-        return self.encode_batch([image])[0]
-
-    def _remember(self, key: str, features: SamImageFeatures) -> None:
-        self._cache[key] = features
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     def _disk_path(self, key: str) -> Path | None:
         if self.disk_cache is None:

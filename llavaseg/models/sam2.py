@@ -27,7 +27,7 @@ from PIL import Image
 from llavaseg.errors import CheckpointMismatchError, InputError, UnsupportedError
 from llavaseg.images import image_digest
 from llavaseg.models.common import freeze, weights_error
-from llavaseg.models.sam import SamImageFeatures
+from llavaseg.models.sam import FeatureMemo, SamImageFeatures
 
 __all__ = ["FrozenSAM2", "tiny_sam2_config", "SAM2_CHECKPOINTS"]
 
@@ -72,7 +72,7 @@ def _processor_for(model: Any) -> Any:
     return Sam2ImageProcessor(size={"height": size, "width": size})
 
 
-class FrozenSAM2:
+class FrozenSAM2(FeatureMemo):
     """Frozen ``Sam2Model`` with cached per-image features and a decoder that accepts prompt embeddings."""
 
     family = "sam2"
@@ -170,18 +170,6 @@ class FrozenSAM2:
                     input_size=(self.image_size, self.image_size),
                     original_size=(int(images[index].shape[0]), int(images[index].shape[1]))))
         return [self._cache[key] for key in keys]
-
-    def encode(self, image: np.ndarray) -> SamImageFeatures:
-        return self.encode_batch([image])[0]
-
-    def _remember(self, key: str, features: SamImageFeatures) -> None:
-        self._cache[key] = features
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     # -------------------------------------------------------------------------------------------- decoding
     def no_mask_dense(self, batch: int) -> torch.Tensor:
