@@ -1,6 +1,6 @@
 """Regenerate the shipped tiny-world weights from the configs their cards record, and compare them byte for byte.
 
-    python benchmarks/regenerate.py [--models sam clip mllm adapters seg-token] [--work runs/regenerate]
+    python benchmarks/regenerate.py [--models sam clip mllm adapters seg-token seg-token-cot] [--work runs/regenerate]
 
 Each model is retrained from scratch by its own script with the recorded config and seed, into ``--work``; then
 every shipped weight file (and the configs and tokenizer saved with it; not the cards, which hold timings) is
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "llavaseg" / "weights" / "tinyworld"
 ADAPTERS = ROOT / "adapters" / "tiny-world"
 RESULTS = Path(__file__).resolve().parent / "results" / "regenerate.json"
-MODELS = ("sam", "clip", "mllm", "adapters", "seg-token")
+MODELS = ("sam", "clip", "mllm", "adapters", "seg-token", "seg-token-cot")
 
 
 def sha256(path: Path) -> str:
@@ -68,6 +68,28 @@ def regenerate_clip(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]
              "shipped_machine": card.get("machine") or {"torch": card["torch_version"]}})
 
 
+def _from_git(init: dict[str, Any], folder: Path) -> Path:
+    """The files of ``init["git"]`` (``<commit>:<folder>``) written into ``folder``, checked against the digest
+    the card recorded for them."""
+    import subprocess
+
+    from transformers import LlavaForConditionalGeneration
+
+    from llavaseg.recipes.train_mllm import weights_digest
+
+    commit, _, source = init["git"].partition(":")
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{commit}:{source}"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{source}/{name}"], check=True,
+                              capture_output=True).stdout
+        (folder / name).write_bytes(blob)
+    if weights_digest(LlavaForConditionalGeneration.from_pretrained(folder)) != init["weights_digest"]:
+        raise SystemExit(f"{init['git']} does not hold the weights the card started from")
+    return folder
+
+
 def regenerate_mllm(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
     from llavaseg.models.mllm import FrozenMLLM
     from llavaseg.prompting import PromptSet
@@ -76,6 +98,8 @@ def regenerate_mllm(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]
 
     card = _card(WEIGHTS / "mllm_card.json")
     config = TrainConfig(**card["config"])
+    if card.get("init_from"):  # the region stage started from an earlier shipped model: take it from git
+        config = config.model_copy(update={"init_from": str(_from_git(card["init_from"], work / "init"))})
     model, processor, _ = train_mllm(config, work / "checkpoints", log=lambda *_: None)
     save_model(model, processor, work / "mllm")
     report = evaluate_mllm(FrozenMLLM.from_pretrained(work / "mllm", local_files_only=True), PromptSet.load(),
@@ -100,23 +124,26 @@ def regenerate_adapters(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, 
              "shipped_machine": card.get("machine") or {"torch": card["torch"]}})
 
 
-def regenerate_seg_token(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
+def regenerate_seg_token(work: Path, name: str = "seg_token") -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
     from llavaseg.recipes.train_seg_token import SegTokenTrainConfig, train
     from llavaseg.tinyworld.generate import default_tinyworld_root
 
-    card = _card(WEIGHTS / "seg_token" / "card.json")
-    report = train(SegTokenTrainConfig(**card["config"]), work / "seg_token", work / "checkpoints",
+    card = _card(WEIGHTS / name / "card.json")
+    report = train(SegTokenTrainConfig(**card["config"]), work / name, work / f"checkpoints-{name}",
                    default_tinyworld_root(), threads=card["threads"])
-    return ([(WEIGHTS / "seg_token" / name, work / "seg_token" / name) for name in ("seg_token.safetensors",
-                                                                                      "seg_token.json")],
+    return ([(WEIGHTS / name / file, work / name / file) for file in ("seg_token.safetensors", "seg_token.json")],
             {"metric": "val gIoU (generated [SEG])", "shipped": card["val_generate"]["giou"],
              "regenerated": report.val_generate.giou,
              "shipped_machine": card.get("machine") or {"torch": card.get("torch_version")}})
 
 
+def regenerate_seg_token_cot(work: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
+    return regenerate_seg_token(work, "seg_token_cot")
+
+
 REGENERATORS: dict[str, Callable[[Path], tuple[list[tuple[Path, Path]], dict[str, Any]]]] = {
     "sam": regenerate_sam, "clip": regenerate_clip, "mllm": regenerate_mllm, "adapters": regenerate_adapters,
-    "seg-token": regenerate_seg_token,
+    "seg-token": regenerate_seg_token, "seg-token-cot": regenerate_seg_token_cot,
 }
 
 

@@ -20,7 +20,8 @@ def test_single_call_returns_mask_at_original_size(tiny_segmenter, tmp_path: Pat
     assert result.route == "llavaseg" and result.query == "the red thing"
     assert result.description  # never empty: falls back to the query when stage 1 says nothing
     assert set(result.prompts) == {"reason", "attributes", "answer"}
-    assert set(result.raw_outputs) == {"reason", "attributes", "answer"}
+    assert set(result.raw_outputs) == {"reason", "attributes", "answer", "mllm_calls"}
+    assert result.raw_outputs["mllm_calls"] == "3"  # stage 1, stage 2, the chat answer
     assert result.answer == result.raw_outputs["answer"]
     assert {"mllm_reason", "mllm_attributes", "text_encoder", "sam_encoder", "adapters_decoder"} <= set(result.timings)
     assert all(seconds >= 0 for seconds in result.timings.values())

@@ -32,7 +32,8 @@ class BenchRecord(QueryRecord):
     timings: dict[str, float] = {}
     mask: dict[str, Any] | None = None
     instance_masks: list[dict[str, Any]] | None = None  # per-instance RLEs when the route gave them
-    notices: list[str] = []  # e.g. the query was truncated to MAX_QUERY_CHARS; a prediction file was missing
+    notices: list[str] = []  # e.g. the query was truncated to MAX_QUERY_CHARS
+    mllm_calls: float | None = None  # conversation turns the route sent to an MLLM for this query; a prediction file was missing
 
     def predicted_mask(self) -> np.ndarray | None:
         return decode_mask(self.mask) if self.mask is not None else None
@@ -52,6 +53,7 @@ def record_from_result(route: str, query, gt: np.ndarray, result: SegmentationRe
         attributes=dict(result.attributes.items()), attribute_parse=result.attribute_parse, answer=result.answer,
         score=float(result.score), seconds=seconds, timings=dict(result.timings), mask=encode_mask(result.mask),
         instance_masks=[encode_mask(m) for m in result.instance_masks] if result.instance_masks else None,
+        mllm_calls=float(result.raw_outputs["mllm_calls"]) if "mllm_calls" in result.raw_outputs else None,
     )
 
 

@@ -76,6 +76,7 @@ class RouteSummary(BaseModel):
     n_errors: int
     n_resumed: int = 0
     seconds_per_query: float | None = None
+    mllm_calls_per_query: float | None = None  # conversation turns sent to an MLLM (routes that report them)
     peak_rss_mb: float | None = None
     cuda_peak_mb: float | None = None
     dialogue: DialogueMetrics | None = None
@@ -162,6 +163,7 @@ def csv_text(results: BenchResults) -> str:
     header += ["seconds_per_query", "peak_rss_mb", "cuda_peak_mb", "dialogue_n"]
     header += [f"dialogue_{name}" for name in CSV_DIALOGUE_FIELDS]
     header += [f"{key}_{field}" for key in keys for field in _CSV_EXTRA]
+    header.append("mllm_calls_per_query")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -176,6 +178,7 @@ def csv_text(results: BenchResults) -> str:
         row += [getattr(dialogue, field) if dialogue else "" for field in CSV_DIALOGUE_FIELDS]
         for key in keys:
             row += _extra_cells(summary.metrics.get(key))
+        row.append(summary.mllm_calls_per_query)
         writer.writerow(["" if value is None else value for value in row])
     return buffer.getvalue()
 
@@ -224,15 +227,16 @@ def _segmentation_table(results: BenchResults) -> Table:
     for key in keys:
         table.add_column(f"{key}\ngIoU", justify="right")
         table.add_column(f"{key}\ncIoU", justify="right")
-    for title in ("s/query", "peak RSS\nMB", "CUDA peak\nMB", "queries", "errors"):
+    for title in ("s/query", "MLLM\ncalls/q", "peak RSS\nMB", "CUDA peak\nMB", "queries", "errors"):
         table.add_column(title, justify="right")
     for name, summary in results.routes.items():
         cells = [f"{name} [red](untrained: {', '.join(summary.untrained)})[/red]" if summary.untrained else name]
         for key in keys:
             metric = summary.metrics.get(key)
             cells += [_fmt(metric.giou if metric else None), _fmt(metric.ciou if metric else None)]
-        cells += [_fmt(summary.seconds_per_query, 3), _fmt(summary.peak_rss_mb, 0), _fmt(summary.cuda_peak_mb, 0),
-                  str(summary.n_queries), str(summary.n_errors)]
+        cells += [_fmt(summary.seconds_per_query, 3), _fmt(summary.mllm_calls_per_query, 1),
+                  _fmt(summary.peak_rss_mb, 0), _fmt(summary.cuda_peak_mb, 0), str(summary.n_queries),
+                  str(summary.n_errors)]
         table.add_row(*cells)
     return table
 

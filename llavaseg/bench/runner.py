@@ -261,8 +261,14 @@ def _summaries_of(per_route: dict[str, list[BenchRecord]], costs: dict[str, tupl
             metrics=route_metrics(records, groups, stats), n_queries=len(records),
             n_errors=sum(r.error is not None for r in records), n_resumed=resumed,
             seconds_per_query=float(np.mean([r.seconds for r in records])), peak_rss_mb=rss, cuda_peak_mb=cuda_mb,
+            mllm_calls_per_query=_mean_calls(records),
             dialogue=dialogue.get(name))
     return summaries
+
+
+def _mean_calls(records: list[BenchRecord]) -> float | None:
+    calls = [r.mllm_calls for r in records if r.mllm_calls is not None]
+    return float(np.mean(calls)) if calls else None
 
 
 def _environment(settings: BenchSettings, config: RunConfig, provenance: Provenance) -> Environment:

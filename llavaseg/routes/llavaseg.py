@@ -51,6 +51,7 @@ class LLaVASegRoute:
 
     def __call__(self, images: list[np.ndarray], queries: list[str]) -> list[SegmentationResult]:
         timer = StageTimer()
+        calls_before = self.mllm.row_calls
         if self.reference is not None:
             stages = self.reference.stage_outputs(self.prompts, images, queries)
         else:
@@ -70,6 +71,7 @@ class LLaVASegRoute:
             masks = [(self.sam.upscale(low_res[i: i + 1], f)[0, 0] > self.sam.mask_threshold).cpu().numpy()
                      for i, f in enumerate(features)]
         per_item = timer.per_item(len(images))
+        calls = f"{(self.mllm.row_calls - calls_before) / max(len(images), 1):g}"
         results = []
         for index, stage in enumerate(stages):
             results.append(SegmentationResult(
@@ -78,7 +80,7 @@ class LLaVASegRoute:
                 used_attributes=self.use_attributes and bool(stage.attributes), answer=answers[index],
                 prompts={"reason": stage.reason_prompt, "attributes": stage.attributes_prompt,
                          **({"answer": queries[index]} if self.with_answer else {})},
-                raw_outputs={"reason": stage.reason_output, "attributes": stage.attributes_output,
+                raw_outputs={"reason": stage.reason_output, "attributes": stage.attributes_output, "mllm_calls": calls,
                              **({"answer": answers[index] or ""} if self.with_answer else {})},
                 timings=per_item,
             ))

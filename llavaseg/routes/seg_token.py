@@ -67,9 +67,11 @@ class SegTokenRoute:
             predictions = predict(self.model, images, queries, protocol=self.protocol,  # type: ignore[arg-type]
                                   style=self.query_style, max_new_tokens=self.max_new_tokens)  # type: ignore[arg-type]
         answers: list[str | None] = [None] * len(images)
+        calls = 1.0  # the [SEG] model's own generation (or teacher-forced pass) per query
         if self.with_answer:
             with timer.stage("mllm_answer"):
                 answers = list(self.dialogue_model().answer(images, queries))
+            calls += 1.0
         per_item = timer.per_item(len(images))
         results = []
         for index, prediction in enumerate(predictions):
@@ -80,6 +82,7 @@ class SegTokenRoute:
                 description=strip_seg(prediction.text), answer=answers[index],
                 prompts={"segment": prediction.prompt, **({"answer": queries[index]} if self.with_answer else {})},
                 raw_outputs={"segment": prediction.text, "protocol": self.protocol, "seg_count": str(count),
+                             "mllm_calls": f"{calls:g}",
                              **({"answer": answers[index] or ""} if self.with_answer else {})},
                 timings=per_item,
             ))

@@ -282,12 +282,17 @@ class TrainingFreeRoute:
 
     def __call__(self, images: list[np.ndarray], queries: list[str]) -> list[SegmentationResult]:
         timer = StageTimer()
+        calls_before = self.mllm.row_calls
         stages = run_stages(self.mllm, self.prompts, images, queries, timer)
         answers: list[str | None] = [None] * len(images)
         if self.with_answer:
             with timer.stage("mllm_answer"):
                 answers = list(self.mllm.answer(images, queries))
-        return self.segment_with_stages(images, queries, stages, answers=answers, timer=timer)
+        results = self.segment_with_stages(images, queries, stages, answers=answers, timer=timer)
+        calls = f"{(self.mllm.row_calls - calls_before) / max(len(images), 1):g}"
+        for result in results:
+            result.raw_outputs["mllm_calls"] = calls
+        return results
 
     def segment_with_stages(self, images: list[np.ndarray], queries: list[str], stages: list[StageOutputs], *,
                             answers: list[str | None] | None = None, timer: StageTimer | None = None
