@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llavaseg.attributes import Attributes, parse_attributes
+from llavaseg.method.stages import reason_stage
 from llavaseg.models.mllm import Decoding, FrozenMLLM
 from llavaseg.prompting import PromptSet
 from llavaseg.timing import StageTimer
@@ -73,11 +74,9 @@ def sample_stage_candidates(mllm: FrozenMLLM, prompts: PromptSet, images: list[n
                             ) -> list[StageCandidates]:
     """Stage 1 once, stage 2 greedily and ``samples`` times; candidates per query (see the module docstring)."""
     timer = timer or StageTimer()
-    reason_prompts = [prompts.render("reason", query=query) for query in queries]
-    with timer.stage("mllm_reason"):
-        raw, conversation = mllm.begin(images, reason_prompts)
-    descriptions = [text.strip() or query for text, query in zip(raw, queries)]
-    attribute_prompts = [prompts.render("attributes", description=d, query=q) for d, q in zip(descriptions, queries)]
+    first = reason_stage(mllm, prompts, images, queries, timer)
+    reason_prompts, descriptions, attribute_prompts, conversation = (
+        first.reason_prompts, first.descriptions, first.attribute_prompts, first.conversation)
     forks = [mllm.fork(conversation) for _ in range(samples)]
     beam_answers = [[] for _ in queries]
     if beams > 1:

@@ -7,6 +7,7 @@ instead, so the oracle route and training on annotations go through exactly the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,11 @@ from llavaseg.attributes import Attributes, ParseMethod, parse_attributes
 from llavaseg.data.annotations import GroundTruthStages, StageRecord
 from llavaseg.errors import InputError
 from llavaseg.images import image_digest
-from llavaseg.models.mllm import FrozenMLLM
+from llavaseg.models.mllm import Conversation, FrozenMLLM
 from llavaseg.prompting import PromptSet
 from llavaseg.timing import StageTimer
 
-__all__ = ["StageOutputs", "run_stages", "ground_truth_stage_outputs", "GroundTruthStageSource"]
+__all__ = ["StageOutputs", "ReasonStage", "reason_stage", "run_stages", "ground_truth_stage_outputs", "GroundTruthStageSource"]
 
 
 class StageOutputs(BaseModel):
@@ -35,16 +36,37 @@ class StageOutputs(BaseModel):
     attribute_parse: ParseMethod
 
 
-def run_stages(mllm: FrozenMLLM, prompts: PromptSet, images: list[np.ndarray], queries: list[str],
-               timer: StageTimer | None = None) -> list[StageOutputs]:
-    """Both chat turns for a batch; stage 2 continues stage 1's conversation (and its KV cache)."""
-    timer = timer or StageTimer()
+@dataclass
+class ReasonStage:
+    """Stage 1 for a batch, and the stage-2 questions it leads to (the conversation continues from here)."""
+
+    reason_prompts: list[str]
+    raw_descriptions: list[str]
+    descriptions: list[str]
+    attribute_prompts: list[str]
+    conversation: Conversation
+
+
+def reason_stage(mllm: FrozenMLLM, prompts: PromptSet, images: list[np.ndarray], queries: list[str],
+                 timer: StageTimer) -> ReasonStage:
+    """Stage 1 (the description) for a batch and the rendered stage-2 prompts; shared by every route that asks."""
     reason_prompts = [prompts.render("reason", query=query) for query in queries]
     with timer.stage("mllm_reason"):
         raw_descriptions, conversation = mllm.begin(images, reason_prompts)
     # An empty description would leave stage 2 nothing to ask about: the query stands in for it.
     descriptions = [raw.strip() or query for raw, query in zip(raw_descriptions, queries)]
     attribute_prompts = [prompts.render("attributes", description=d, query=q) for d, q in zip(descriptions, queries)]
+    return ReasonStage(reason_prompts, raw_descriptions, descriptions, attribute_prompts, conversation)
+
+
+def run_stages(mllm: FrozenMLLM, prompts: PromptSet, images: list[np.ndarray], queries: list[str],
+               timer: StageTimer | None = None) -> list[StageOutputs]:
+    """Both chat turns for a batch; stage 2 continues stage 1's conversation (and its KV cache)."""
+    timer = timer or StageTimer()
+    first = reason_stage(mllm, prompts, images, queries, timer)
+    reason_prompts, raw_descriptions, descriptions, attribute_prompts, conversation = (
+        first.reason_prompts, first.raw_descriptions, first.descriptions, first.attribute_prompts,
+        first.conversation)
     with timer.stage("mllm_attributes"):
         raw_attributes = mllm.follow_up(conversation, attribute_prompts)
     outputs = []
