@@ -166,3 +166,18 @@ def test_route_union_of_chosen_proposals(route_segmenter, rgb_image, monkeypatch
     assert (union.mask == masks[np.array(covered)].any(axis=0)).all()
     assert union.mask[one.mask].all()  # the single best proposal is part of the union
     assert union.score == pytest.approx(one.score)
+
+
+def test_preset_route_defaults_apply_and_caller_options_win(tiny_segmenter):
+    from llavaseg.models.presets import get_preset
+    from llavaseg.routes.registry import RouteContext, build_route
+
+    tiny_world = get_preset("tiny-world")
+    assert tiny_world.route_defaults["training-free"] == {"grid": 6}  # chosen on tiny-world train (docs/tinyworld.md)
+    parts = tiny_segmenter.context.components
+    context = RouteContext(components=parts, prompts=tiny_segmenter.context.prompts, preset=tiny_world)
+    assert build_route("training-free", context).options.grid == 6
+    context.options = {"grid": 3}
+    assert build_route("training-free", context).options.grid == 3
+    plain = RouteContext(components=parts, prompts=tiny_segmenter.context.prompts, preset=get_preset("tiny"))
+    assert build_route("training-free", plain).options.grid == 16

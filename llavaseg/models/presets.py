@@ -34,6 +34,9 @@ class Preset(ComponentSpec):
     description: str
     plumbing: bool = False
     notice: str | None = None
+    # Route options tuned for this preset's models and data (chosen on its train split, never on val); options a
+    # caller passes win. Why per preset: e.g. the training-free route's point lattice suits the object sizes.
+    route_defaults: dict[str, dict[str, object]] = {}
 
     def spec(self) -> ComponentSpec:
         return ComponentSpec(**{name: getattr(self, name) for name in ComponentSpec.model_fields})
@@ -51,7 +54,8 @@ PRESETS: dict[str, Preset] = {
     "tiny-world": Preset(
         name="tiny-world", mllm="pkg:weights/tinyworld/mllm", sam="pkg:weights/tinyworld/sam_tiny_world.safetensors",
         clip="local-dir:pkg:weights/tinyworld/clip", adapters="pkg-adapters:tiny-world", adapter_dim=64,
-        seg_token="pkg:weights/tinyworld/seg_token", notice=TOY_NOTICE,
+        seg_token="pkg:weights/tinyworld/seg_token", seg_token_cot="pkg:weights/tinyworld/seg_token_cot",
+        notice=TOY_NOTICE, route_defaults={"training-free": {"grid": 6}},
         description="small models pretrained on the procedurally generated tiny world, frozen, plus trained adapters"),
     "llava-1.5-7b": Preset(
         name="llava-1.5-7b", mllm="llava-hf/llava-1.5-7b-hf", sam="sam_vit_h_4b8939.pth", clip="ViT-L-14:openai",

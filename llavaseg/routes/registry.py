@@ -9,7 +9,7 @@ A user can register a route of their own with a plain ``"module:function"`` stri
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llavaseg.errors import InputError, UntrainedError
 from llavaseg.models.components import Components
@@ -44,8 +44,9 @@ ROUTES: dict[str, RouteEntry | str] = {
         "llavaseg with ground-truth stage outputs in place of the MLLM's (measures the adapters alone)"),
     "llavaseg-verify": RouteEntry(
         "llavaseg.routes.verify:build", ("adapters",),
-        "llavaseg with several stage-2 answers (sampled, schema-constrained, voted); the same frozen MLLM checks "
-        "each candidate mask on a highlighted view and the first confirmed is kept; nothing more is trained"),
+        "llavaseg with several stage-2 answers (greedy, schema-constrained, and beam-search alternatives); the same "
+        "frozen MLLM checks the first candidate mask on a highlighted view, and the others when it doubts it; "
+        "nothing more is trained"),
     "seg-token": RouteEntry(
         "llavaseg.routes.seg_token:build", ("seg_token",),
         "LISA: a fine-tuned copy of the MLLM (LoRA) answers with [SEG] at once, no reasoning in text; the token's "
@@ -107,6 +108,9 @@ def build_route(name: str, context: RouteContext) -> Route:
     if "adapters" in entry.needs and context.components.adapters is None:
         raise UntrainedError(f"route {name} needs trained adapters and none were given; train them with "
                              "llavaseg-train (then --adapters DIR), or allow untrained parts for a plumbing run")
+    defaults = context.preset.route_defaults.get(name, {}) if context.preset is not None else {}
+    if defaults:
+        context = replace(context, options={**defaults, **context.options})
     module_name, function_name = entry.target.split(":")
     try:
         module = importlib.import_module(module_name)
