@@ -1,6 +1,6 @@
 """Each helper of ``llavaseg-verify`` measured on its own, on tiny-world val (all texts), one run.
 
-    python benchmarks/verify_ablation.py [--limit N] [--threads 1]
+    python benchmarks/verify_ablation.py [--split val|train] [--limit N] [--threads 1] [--out FILE]
 
 Variants (same frozen MLLM, text tower, adapters and SAM; nothing trained here):
 
@@ -8,6 +8,7 @@ Variants (same frozen MLLM, text tower, adapters and SAM; nothing trained here):
 * ``constrained``: greedy stage 2 constrained to the tiny world's attribute schema;
 * ``vote``: self-consistency, the per-key majority of greedy + 6 sampled stage-2 answers;
 * ``verify``: greedy + 4 beam-search candidates, each checked by the frozen MLLM on a highlighted view;
+* ``verify+vote``, ``verify+constrained``: the check with one of the other two helpers;
 * ``all``: constrained sampling and beams, voted order, verified.
 
 Reports gIoU / cIoU (the shared evaluator), seconds per query and MLLM calls (conversation turns sent to the
@@ -35,6 +36,8 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "constrained": {"verify": False, "vote": False, "samples": 0, "beams": 0, "constrained": True},
     "vote": {"verify": False, "vote": True, "samples": 6, "beams": 0, "constrained": False},
     "verify": {"verify": True, "vote": False, "samples": 0, "beams": 4, "constrained": False},
+    "verify+vote": {"verify": True, "vote": True, "samples": 6, "beams": 4, "constrained": False},
+    "verify+constrained": {"verify": True, "vote": False, "samples": 0, "beams": 4, "constrained": True},
     "all": {"verify": True, "vote": True, "samples": 6, "beams": 4, "constrained": True},
 }
 
@@ -73,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", default="val",
+                        help="tiny-world split (train: where the route's defaults are chosen)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = get_preset("tiny-world")
     parts = shared_components("tiny-world", "cpu")
-    queries = list(open_dataset(default_tiny_world_source("val")).queries())[: args.limit]
-    report = {"split": "tiny-world val", "n_queries": len(queries), "variants": {}}
+    queries = list(open_dataset(default_tiny_world_source(args.split)).queries())[: args.limit]
+    report = {"split": f"tiny-world {args.split}", "n_queries": len(queries), "variants": {}}
     for name, options in VARIANTS.items():
         row = run_variant(parts, PromptSet.load(), preset, name, options, queries, args.batch_size)
         report["variants"][name] = row
@@ -87,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     base = report["variants"]["llavaseg"]["seconds_per_query"]
     for row in report["variants"].values():
         row["time_ratio_to_llavaseg"] = row["seconds_per_query"] / base
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS, json.dumps(report, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     return 0
 
 
