@@ -593,6 +593,11 @@ def _permutation_p(totals: np.ndarray, observed: np.ndarray, rng: np.random.Gene
     return float(min(1.0, p[0])), float(min(1.0, p[1]))
 
 
+def _images_that_differ(totals: np.ndarray) -> int:
+    """How many images the two systems of paired ``totals`` (A's four columns, then B's) scored differently."""
+    return int(np.count_nonzero(np.any(totals[:, :4] != totals[:, 4:], axis=1)))
+
+
 def paired_test(a: Sequence[QueryRecord], b: Sequence[QueryRecord], *, resamples: int = 1000,
                 permutations: int = 10000, seed: int = 0, level: float = 0.95,
                 method: str = "studentized") -> PairedTest:
@@ -602,7 +607,9 @@ def paired_test(a: Sequence[QueryRecord], b: Sequence[QueryRecord], *, resamples
     p-value tests "A and B are exchangeable" by swapping the two systems' predictions on random images
     (all ``2**n`` swaps when there are few images: an exact test). Both are paired because the systems saw
     the same images: a difference that is small against each system's own interval can still be certain.
-    ``permutations=0`` skips the p-value (reported as 1.0); ``resamples=0`` skips the interval.
+    ``permutations=0`` skips the p-value (reported as 1.0); ``resamples=0`` skips the interval. When the
+    systems differ on fewer than ``STUDENTIZED_MIN_IMAGES`` images the interval is the percentile one (the
+    result's ``method`` says so).
     """
     if not a:
         raise InputError("a paired comparison needs at least one query")
@@ -610,6 +617,10 @@ def paired_test(a: Sequence[QueryRecord], b: Sequence[QueryRecord], *, resamples
     observed = _evaluate(PAIRED_TERMS, totals.sum(axis=0))
     rng = np.random.default_rng(seed)
     giou_ci = ciou_ci = None
+    if method == "studentized" and _images_that_differ(totals) < STUDENTIZED_MIN_IMAGES:
+        # Two systems that differ on a handful of images give resamples with no spread of their own, which a
+        # bootstrap-t turns into [-1, x]: the percentile interval of the same resamples is the honest one.
+        method = "percentile"
     if resamples > 0 and len(totals) >= 2:
         bounds = np.clip(_bootstrap(totals, PAIRED_TERMS, resamples=resamples, seed=seed, level=level,
                                     method=method, rng=rng), -1.0, 1.0)
