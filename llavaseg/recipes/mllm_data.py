@@ -90,8 +90,12 @@ def build_tiny_world_mllm(prompts: PromptSet, seed: int = 0, spec: TinyLlavaSpec
 
 
 def pixel_values(processor: Any, images: Sequence[np.ndarray | Image.Image]) -> torch.Tensor:
-    """The processor's own image preprocessing, batched (one call per batch, not per image)."""
-    return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    """The processor's own image preprocessing, batched (one call per batch, not per image).
+
+    Read-only arrays (``np.asarray`` of a PIL image) are copied first: torch warns on wrapping them, and the
+    processor's output is the same either way."""
+    images = [np.array(im) if isinstance(im, np.ndarray) and not im.flags.writeable else im for im in images]
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def format_attributes(attributes: dict[str, str]) -> str:
