@@ -21,7 +21,8 @@ from llavaseg.models.mllm import Conversation, FrozenMLLM
 from llavaseg.prompting import PromptSet
 from llavaseg.timing import StageTimer
 
-__all__ = ["StageOutputs", "ReasonStage", "reason_stage", "run_stages", "ground_truth_stage_outputs", "GroundTruthStageSource"]
+__all__ = ["StageOutputs", "ReasonStage", "reason_stage", "run_stages", "ground_truth_stage_outputs",
+           "GroundTruthStageSource"]
 
 
 class StageOutputs(BaseModel):

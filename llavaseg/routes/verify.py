@@ -1,14 +1,15 @@
 """``llavaseg-verify``: the LLaVASeg route that checks its mask with the same frozen MLLM, and retries.
 
 Per query: stage 1 once; stage 2 greedily, ``samples`` times by seeded sampling and by beam search (optionally
-constrained to an attribute schema, optionally ordered by a self-consistency vote): :mod:`llavaseg.method.candidates`. Each distinct
-attribute set gives a candidate mask through the same adapters and frozen segmenter (the description alone is
-the last candidate). The frozen MLLM is then shown the first candidate as the image with that region
-highlighted and the rest dimmed (:func:`llavaseg.views.highlight_view`), with the ``verify`` prompt. If its
-probability of "yes" reaches ``threshold`` it is kept (one check); otherwise every other candidate is checked
-and the most probable one replaces it only if it is more probable by ``margin``: a check that errs now and then
-must not overturn a first answer that is usually right (measured in ``docs/tinyworld.md``). Nothing is trained
-beyond the adapters; the chat answer is the frozen MLLM's own, as in ``llavaseg``.
+constrained to an attribute schema, optionally ordered by a self-consistency vote):
+:mod:`llavaseg.method.candidates`. Each distinct attribute set gives a candidate mask through the same adapters
+and frozen segmenter (the description alone is the last candidate). The frozen MLLM is then shown the first
+candidate as the image with that region highlighted and the rest dimmed (:func:`llavaseg.views.highlight_view`),
+with the ``verify`` prompt. If its probability of "yes" reaches ``threshold`` it is kept (one check); otherwise
+every other candidate is checked and the most probable one replaces it only if it is more probable by ``margin``:
+a check that errs now and then must not overturn a first answer that is usually right (measured in
+``docs/tinyworld.md``). Nothing is trained beyond the adapters; the chat answer is the frozen MLLM's own, as in
+``llavaseg``.
 
 Options (``RouteContext.options``): ``verify`` (default true), ``samples`` (0: seeded stage-2 samples for the
 vote; on tiny-world train neither sampling nor the vote changed the result), ``temperature`` (1.0),
