@@ -9,6 +9,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 llavaseg-bench speed --preset tiny-world --device "$device" --out benchmarks/results/speed-gpu.json
 python benchmarks/train_step.py --size realistic --device "$device" --batch-size 4 --repeats 5 \
     --out benchmarks/results/train_step-realistic-gpu.json
-python benchmarks/train_step.py --preset tiny-world --device "$device" --repeats 10 \
+python benchmarks/train_step.py --preset tiny-world --device "$device" --repeats 10 --compile \
     --out benchmarks/results/train_step-gpu.json
 echo "wrote benchmarks/results/{speed-gpu,train_step-realistic-gpu,train_step-gpu}.json"

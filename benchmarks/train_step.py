@@ -81,7 +81,28 @@ class _Query:
         return self._mask
 
 
-def adapter_half(parts: Any, prompts: Any, images, texts, sentences, masks, *, repeats: int) -> dict[str, Any]:
+def _compiled_vs_eager(step: Callable[[torch.nn.Module], Any], module: torch.nn.Module, repeats: int
+                       ) -> dict[str, float]:
+    """``torch.compile(module)`` against the module itself in the same step, interleaved (so drift in the
+    machine's load hits both alike); the first compiled call, which compiles, is timed on its own."""
+    compiled = torch.compile(module)
+    start = time.perf_counter()
+    step(compiled)
+    compile_seconds = time.perf_counter() - start
+    eager, fast = [], []
+    for index in range(2 * repeats):
+        order = ((module, eager), (compiled, fast)) if index % 2 == 0 else ((compiled, fast), (module, eager))
+        for which, into in order:
+            began = time.perf_counter()
+            step(which)
+            into.append(time.perf_counter() - began)
+    return {"eager_step_seconds": statistics.median(eager), "compiled_step_seconds": statistics.median(fast),
+            "first_compiled_call_seconds": compile_seconds,
+            "speedup": statistics.median(eager) / statistics.median(fast)}
+
+
+def adapter_half(parts: Any, prompts: Any, images, texts, sentences, masks, *, repeats: int,
+                 compile_check: bool = False) -> dict[str, Any]:
     from llavaseg.cache import FeatureCache, build_cache, cache_identity
     from llavaseg.method.segment import encode_phrases, text_phrases
     from llavaseg.method.stages import run_stages
@@ -107,6 +128,12 @@ def adapter_half(parts: Any, prompts: Any, images, texts, sentences, masks, *, r
                                       [s.mask for s in samples])[0]
 
         cached, cached_all = _median_seconds(cached_step, repeats)
+        compiled = None
+        if compile_check:
+            features = [cache.image_features(s.entry.image) for s in samples]
+            compiled = _compiled_vs_eager(
+                lambda module: adapter_train_step(module, sam, optimizer, features, [s.text for s in samples],
+                                                  [s.mask for s in samples]), adapters, repeats)
 
     def uncached_step() -> float:
         sam.clear_cache()
@@ -121,7 +148,8 @@ def adapter_half(parts: Any, prompts: Any, images, texts, sentences, masks, *, r
     uncached, _ = _median_seconds(uncached_step, max(2, repeats // 3))
     return {"step_seconds_cached": cached, "step_seconds_uncached": uncached, "cache_build_seconds": cache_seconds,
             "cache_build_seconds_per_query": cache_seconds / len(images), "all_cached_step_seconds": cached_all,
-            "trainable_parameters": sum(p.numel() for p in adapters.parameters() if p.requires_grad)}
+            "trainable_parameters": sum(p.numel() for p in adapters.parameters() if p.requires_grad),
+            **({"torch_compile_cached_step": compiled} if compiled else {})}
 
 
 def seg_token_half(parts: Any, images, texts, sentences, masks, *, repeats: int) -> dict[str, Any]:
@@ -243,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: results/train_step[-realistic].json)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-inference", action="store_true", help="realistic size: skip the per-route inference costs")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the cached adapter step with torch.compile'd adapters (does it pay here?)")
     parser.add_argument("--size", choices=["preset", "realistic"], default="preset",
                         help="realistic: a LLaVA-shaped model with a ~0.5 B-parameter LLM (random weights), "
                              "SAM ViT-B at 1024 px, an open_clip ViT-L/14 text tower")
@@ -274,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rss_models = rss_mb()
-    adapter = adapter_half(parts, prompts, images, texts, sentences, masks, repeats=args.repeats)
+    adapter = adapter_half(parts, prompts, images, texts, sentences, masks, repeats=args.repeats,
+                           compile_check=args.compile)
     adapter["peak_rss_mb_after"] = rss_mb()
     seg = seg_token_half(parts, images, texts, sentences, masks, repeats=args.repeats)
     seg["peak_rss_mb_after"] = rss_mb()
@@ -319,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"at published scale (LLaVA-7B + SAM ViT-H): adapters {scale['adapter_trainable_parameters']:,} vs "
           f"<SEG> {scale['seg_token_trainable_parameters']:,} trainable parameters "
           f"(x{scale['ratio_seg_over_adapter']:.0f})")
+    if "torch_compile_cached_step" in adapter:
+        check = adapter["torch_compile_cached_step"]
+        print(f"torch.compile'd adapters, cached step: {1000 * check['compiled_step_seconds']:.1f} ms vs eager "
+              f"{1000 * check['eager_step_seconds']:.1f} ms (x{check['speedup']:.2f}; first call "
+              f"{check['first_compiled_call_seconds']:.1f} s)")
     print(f"cache build: {adapter['cache_build_seconds']:.2f} s for {args.batch_size} queries "
           f"({1000 * adapter['cache_build_seconds_per_query']:.0f} ms/query, MLLM stages + SAM + text encoder)")
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
