@@ -648,6 +648,26 @@ def _qwen_vision_ids(tok) -> dict:
     )
 
 
+_QWEN_PATCHES = dict(patch_size=8, merge_size=2, temporal_patch_size=2)  # one token per 16x16 px
+
+
+def _qwen_processor(processor_class, video_processor, chat_template: str):
+    """A Qwen-VL processor over the shared tiny tokenizer and ``Qwen2VLImageProcessor`` (all three families use
+    it for images); ``video_processor`` is the family's own."""
+    from transformers import Qwen2VLImageProcessor
+
+    tok = _qwen_tokenizer(chat_template)
+    processor = processor_class(image_processor=Qwen2VLImageProcessor(**_QWEN_PATCHES, **_QWEN_PIXELS),
+                                video_processor=video_processor, tokenizer=tok, chat_template=chat_template)
+    return processor, tok
+
+
+def _mrope_text(tok, theta: float, **extra) -> dict:
+    """Text config with M-RoPE over (temporal, height, width) sections of 2, 3 and 3 rotary pairs."""
+    rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": [2, 3, 3], **extra.pop("rope", {})}
+    return _qwen_text(tok, rope_parameters=rope, **extra)
+
+
 def _qwen_text(tok, **extra) -> dict:
     return dict(
         **_TXT,
@@ -665,31 +685,14 @@ def build_qwen2_vl(folder: Path) -> Path:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(QWEN2_VL_CHAT_TEMPLATE)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=8, merge_size=2, temporal_patch_size=2, **_QWEN_PIXELS
-        ),
-        video_processor=Qwen2VLVideoProcessor(
-            patch_size=8, merge_size=2, temporal_patch_size=2, **_QWEN_PIXELS
-        ),
-        tokenizer=tok,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
+    processor, tok = _qwen_processor(Qwen2VLProcessor, Qwen2VLVideoProcessor(**_QWEN_PATCHES, **_QWEN_PIXELS),
+                                     QWEN2_VL_CHAT_TEMPLATE)
     config = Qwen2VLConfig(
-        text_config=_qwen_text(
-            tok,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": [2, 3, 3],
-            },
-        ),
+        text_config=_mrope_text(tok, 1e6),
         vision_config=dict(
             depth=2,
             embed_dim=32,
@@ -712,30 +715,13 @@ def build_qwen2_5_vl(folder: Path) -> Path:
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(QWEN2_5_VL_CHAT_TEMPLATE)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=8, merge_size=2, temporal_patch_size=2, **_QWEN_PIXELS
-        ),
-        video_processor=Qwen2VLVideoProcessor(
-            patch_size=8, merge_size=2, temporal_patch_size=2, **_QWEN_PIXELS
-        ),
-        tokenizer=tok,
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-    )
+    processor, tok = _qwen_processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor(**_QWEN_PATCHES, **_QWEN_PIXELS),
+                                     QWEN2_5_VL_CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(
-        text_config=_qwen_text(
-            tok,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": [2, 3, 3],
-            },
-        ),
+        text_config=_mrope_text(tok, 1e6),
         vision_config=dict(
             depth=2,
             hidden_size=32,
@@ -758,38 +744,16 @@ def build_qwen3_vl(folder: Path) -> Path:
     """``Qwen3VLForConditionalGeneration`` (ViT patch 8, merge 2, deepstack layer 0, interleaved M-RoPE) +
     ``Qwen3VLProcessor`` (``Qwen2VLImageProcessor`` / ``Qwen3VLVideoProcessor``)."""
     from transformers import (
-        Qwen2VLImageProcessor,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=8, merge_size=2, temporal_patch_size=2, **_QWEN_PIXELS
-        ),
-        video_processor=Qwen3VLVideoProcessor(
-            patch_size=8,
-            merge_size=2,
-            temporal_patch_size=2,
-            size={"shortest_edge": 16 * 16 * 2, "longest_edge": 64 * 64 * 2},
-        ),
-        tokenizer=tok,
-        chat_template=QWEN3_VL_CHAT_TEMPLATE,
-    )
+    video = Qwen3VLVideoProcessor(**_QWEN_PATCHES, size={"shortest_edge": 16 * 16 * 2, "longest_edge": 64 * 64 * 2})
+    processor, tok = _qwen_processor(Qwen3VLProcessor, video, QWEN3_VL_CHAT_TEMPLATE)
     config = Qwen3VLConfig(
-        text_config=_qwen_text(
-            tok,
-            head_dim=16,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5e6,
-                "mrope_section": [2, 3, 3],
-                "mrope_interleaved": True,
-            },
-        ),
+        text_config=_mrope_text(tok, 5e6, head_dim=16, rope={"mrope_interleaved": True}),
         vision_config=dict(
             depth=2,
             hidden_size=32,
