@@ -36,7 +36,6 @@ what the ``smolvlm`` entry builds (``Idefics3ForConditionalGeneration`` + ``Idef
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -51,6 +50,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
+from llavaseg.models.tiny_llava import words_of  # the word-level split the tiny tokenizers share
+
 __all__ = ["FAMILIES", "FAMILY_CLASSES", "build", "build_tokenizer"]
 
 SEED = 0
@@ -63,15 +64,6 @@ BASE_WORDS = (
     "user assistant system model USER ASSISTANT SYSTEM User Assistant System"
 ).split()
 
-_WORD_RE = re.compile(r"\w+|[^\w\s]")
-
-
-def _words(texts: Iterable[str]) -> list[str]:
-    found: dict[str, None] = {}
-    for text in texts:
-        for token in _WORD_RE.findall(text):
-            found.setdefault(token, None)
-    return list(found)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +332,7 @@ def build_tokenizer(
         dict.fromkeys([unk, pad, eos, *([bos] if bos else []), *special_tokens])
     )
     vocab: dict[str, int] = {}
-    for token in (*specials, *BASE_WORDS, *_words([*words, chat_template or ""])):
+    for token in (*specials, *BASE_WORDS, *words_of([*words, chat_template or ""])):
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
