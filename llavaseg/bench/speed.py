@@ -54,18 +54,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def best_of_interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
+def best_of_interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int, *,
+                        self_timed: bool = False) -> tuple[float, float]:
     """Minimum wall time of each of two functions over ``repeats`` alternating runs.
 
     The minimum is the least noisy estimate on a shared machine; alternating means a change of load (another
-    job starting) hits both sides of a ratio instead of one.
+    job starting, the allocator's state) hits both sides of a ratio instead of one. ``self_timed``: the
+    functions return the seconds of the part that counts (setup excluded) instead of being timed whole.
     """
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for function, bucket in zip((first, second), times):
             start = time.perf_counter()
-            function()
-            bucket.append(time.perf_counter() - start)
+            measured = function()
+            bucket.append(measured if self_timed else time.perf_counter() - start)
     return min(times[0]), min(times[1])
 
 
@@ -102,8 +104,7 @@ def measure_stage2_cache(mllm: FrozenMLLM, repeats: int = 3, max_new_tokens: int
         return time.perf_counter() - start
 
     stage2(True)  # warm-up (allocations, caches)
-    reencode = min(stage2(False) for _ in range(repeats))
-    reused = min(stage2(True) for _ in range(repeats))
+    reencode, reused = best_of_interleaved(lambda: stage2(False), lambda: stage2(True), repeats, self_timed=True)
     what = "first token only" if max_new_tokens == 1 else f"up to {max_new_tokens or mllm.max_new_tokens} tokens"
     return _ratio("stage2_cache", "stage 2 re-encoding image + conversation", "stage 2 from stage 1's KV cache",
                   reencode, reused, note=f"MLLM {mllm.name}, {what}")
