@@ -181,3 +181,10 @@ def test_preset_route_defaults_apply_and_caller_options_win(tiny_segmenter):
     assert build_route("training-free", context).options.grid == 3
     plain = RouteContext(components=parts, prompts=tiny_segmenter.context.prompts, preset=get_preset("tiny"))
     assert build_route("training-free", plain).options.grid == 16
+    # the tiny world's attribute values reach llavaseg-verify's constrained decoding the same way
+    from llavaseg.tinyworld.vocab import ATTRIBUTE_VALUES
+
+    assert tiny_world.route_defaults["llavaseg-verify"]["attribute_schema"]["color"] == list(ATTRIBUTE_VALUES["color"])
+    assert build_route("llavaseg-verify", RouteContext(components=parts, prompts=context.prompts,
+                                                       preset=tiny_world)).constraint is not None
+    assert build_route("llavaseg-verify", plain).constraint is None

@@ -18,6 +18,7 @@ from pydantic import ConfigDict
 
 from llavaseg.errors import InputError
 from llavaseg.models.components import ComponentSpec
+from llavaseg.tinyworld.vocab import ATTRIBUTE_VALUES
 
 __all__ = ["Preset", "PRESETS", "TOY_NOTICE", "list_presets", "get_preset"]
 
@@ -55,7 +56,11 @@ PRESETS: dict[str, Preset] = {
         name="tiny-world", mllm="pkg:weights/tinyworld/mllm", sam="pkg:weights/tinyworld/sam_tiny_world.safetensors",
         clip="local-dir:pkg:weights/tinyworld/clip", adapters="pkg-adapters:tiny-world", adapter_dim=64,
         seg_token="pkg:weights/tinyworld/seg_token", seg_token_cot="pkg:weights/tinyworld/seg_token_cot",
-        notice=TOY_NOTICE, route_defaults={"training-free": {"grid": 6}},
+        notice=TOY_NOTICE, route_defaults={
+            "training-free": {"grid": 6},
+            # the values the tiny MLLM may name: llavaseg-verify constrains its stage-2 answers to them
+            "llavaseg-verify": {"attribute_schema": {key: list(values) for key, values in ATTRIBUTE_VALUES.items()}},
+        },
         description="small models pretrained on the procedurally generated tiny world, frozen, plus trained adapters"),
     "llava-1.5-7b": Preset(
         name="llava-1.5-7b", mllm="llava-hf/llava-1.5-7b-hf", sam="sam_vit_h_4b8939.pth", clip="ViT-L-14:openai",

@@ -15,7 +15,7 @@ Options (``RouteContext.options``): ``verify`` (default true), ``samples`` (0: s
 vote; on tiny-world train neither sampling nor the vote changed the result), ``temperature`` (1.0),
 ``vote`` (true), ``beams`` (4: beam-search alternatives, the candidates a confident small MLLM lacks),
 ``constrained`` (true when an attribute schema is known: the ``attribute_schema`` option, a dict of key ->
-values, or the tiny world's for the tiny-world preset), ``threshold`` (0.2), ``margin`` (0.6),
+values, which the tiny-world preset sets), ``threshold`` (0.2), ``margin`` (0.6),
 ``max_candidates`` (6), ``seed`` (0). ``raw_outputs`` records the candidates, their votes and "yes"
 probabilities, and ``mllm_calls`` (conversation turns sent to the MLLM for the query).
 """
@@ -138,14 +138,9 @@ class VerifyRoute:
 
 
 def _schema(context) -> dict[str, list[str]] | None:
+    """The ``attribute_schema`` option (a dict, or its JSON text); presets may set it (the tiny world's does)."""
     schema = context.options.get("attribute_schema")
-    if isinstance(schema, str):
-        schema = json.loads(schema)
-    if schema is None and context.preset is not None and context.preset.name == "tiny-world":
-        from llavaseg.tinyworld.vocab import ATTRIBUTE_VALUES
-
-        schema = {key: list(values) for key, values in ATTRIBUTE_VALUES.items()}
-    return schema
+    return json.loads(schema) if isinstance(schema, str) else schema
 
 
 def _flag(value: object, default: bool) -> bool:
