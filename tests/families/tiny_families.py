@@ -413,54 +413,48 @@ _TXT = dict(
 )
 
 
+def _llava_tokenizer(words: list[str], chat_template: str) -> PreTrainedTokenizerFast:
+    """The Llama-style tokenizer LLaVA-1.5 and LLaVA-NeXT share (``<image>``, BOS added), over ``words``."""
+    return build_tokenizer(special_tokens=["<image>"], words=words, unk="<unk>", pad="<pad>", eos="</s>",
+                           bos="<s>", add_bos=True, extra_special_tokens={"image_token": "<image>"},
+                           chat_template=chat_template)
+
+
+def _llava_clip_processor_and_tower(tok, chat_template: str, processor_class, image_processor):
+    """The processor (CLIP patch 8, ``default`` strategy drops CLS) and the CLIP 32 px tower of LLaVA-1.5/NeXT."""
+    from transformers import CLIPVisionConfig
+
+    processor = processor_class(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                chat_template=chat_template)
+    return processor, CLIPVisionConfig(**_VIS, image_size=32, patch_size=8, projection_dim=32)
+
+
+def _bos_text(tok) -> dict:
+    """Text-config token ids of a tokenizer with BOS (Llama, Mistral)."""
+    return dict(**_TXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+
+
 def build_llava_15(folder: Path) -> Path:
     """``LlavaForConditionalGeneration`` (CLIP-ViT 32 px / patch 8 -> 16 image tokens, Llama text) + ``LlavaProcessor``
     with the llava-1.5 settings (``default`` strategy drops CLS, ``num_additional_image_tokens=1``,
     ``vision_feature_layer=-2``)."""
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
-    tok = build_tokenizer(
-        special_tokens=["<image>"],
-        words=[],
-        unk="<unk>",
-        pad="<pad>",
-        eos="</s>",
-        bos="<s>",
-        add_bos=True,
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        do_center_crop=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
+    tok = _llava_tokenizer([], LLAVA_15_CHAT_TEMPLATE)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                         do_center_crop=True)
+    processor, tower = _llava_clip_processor_and_tower(tok, LLAVA_15_CHAT_TEMPLATE, LlavaProcessor, image_processor)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            **_VIS, image_size=32, patch_size=8, projection_dim=32
-        ),
-        text_config=LlamaConfig(
-            **_TXT,
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        vision_config=tower,
+        text_config=LlamaConfig(**_bos_text(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=16,
         vision_feature_select_strategy="default",
@@ -477,7 +471,6 @@ def build_llava_next(folder: Path) -> Path:
     """``LlavaNextForConditionalGeneration`` (CLIP 32 px / patch 8, anyres grid pinpoints up to 64x64, Mistral text)
     + ``LlavaNextProcessor`` with llava-v1.6-mistral settings."""
     from transformers import (
-        CLIPVisionConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
@@ -485,43 +478,14 @@ def build_llava_next(folder: Path) -> Path:
         MistralConfig,
     )
 
-    tok = build_tokenizer(
-        special_tokens=["<image>"],
-        words=["[INST]", "[/INST]", "<<SYS>>"],
-        unk="<unk>",
-        pad="<pad>",
-        eos="</s>",
-        bos="<s>",
-        add_bos=True,
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
-    )
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_grid_pinpoints=_PINPOINTS,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
-    )
+    tok = _llava_tokenizer(["[INST]", "[/INST]", "<<SYS>>"], LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=_PINPOINTS)
+    processor, tower = _llava_clip_processor_and_tower(tok, LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE, LlavaNextProcessor,
+                                                       image_processor)
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            **_VIS, image_size=32, patch_size=8, projection_dim=32
-        ),
-        text_config=MistralConfig(
-            **_TXT,
-            head_dim=16,
-            sliding_window=None,
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        vision_config=tower,
+        text_config=MistralConfig(**_bos_text(tok), head_dim=16, sliding_window=None),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=_PINPOINTS,
         vision_feature_select_strategy="default",
