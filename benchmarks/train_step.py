@@ -83,22 +83,18 @@ class _Query:
 
 def _compiled_vs_eager(step: Callable[[torch.nn.Module], Any], module: torch.nn.Module, repeats: int
                        ) -> dict[str, float]:
-    """``torch.compile(module)`` against the module itself in the same step, interleaved (so drift in the
-    machine's load hits both alike); the first compiled call, which compiles, is timed on its own."""
+    """``torch.compile(module)`` against the module itself in the same step, interleaved and best of
+    ``repeats`` (:func:`llavaseg.bench.speed.best_of_interleaved`); the first compiled call, which compiles, is
+    timed on its own."""
+    from llavaseg.bench.speed import best_of_interleaved
+
     compiled = torch.compile(module)
     start = time.perf_counter()
     step(compiled)
     compile_seconds = time.perf_counter() - start
-    eager, fast = [], []
-    for index in range(2 * repeats):
-        order = ((module, eager), (compiled, fast)) if index % 2 == 0 else ((compiled, fast), (module, eager))
-        for which, into in order:
-            began = time.perf_counter()
-            step(which)
-            into.append(time.perf_counter() - began)
-    return {"eager_step_seconds": statistics.median(eager), "compiled_step_seconds": statistics.median(fast),
-            "first_compiled_call_seconds": compile_seconds,
-            "speedup": statistics.median(eager) / statistics.median(fast)}
+    eager, fast = best_of_interleaved(lambda: step(module), lambda: step(compiled), 2 * repeats)
+    return {"eager_step_seconds": eager, "compiled_step_seconds": fast,
+            "first_compiled_call_seconds": compile_seconds, "speedup": eager / fast}
 
 
 def adapter_half(parts: Any, prompts: Any, images, texts, sentences, masks, *, repeats: int,
