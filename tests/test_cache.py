@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llavaseg.cache import FeatureCache, build_cache, cache_identity
+from llavaseg.cache.identity import CacheIdentity
 from llavaseg.data.annotations import GroundTruthStages
 from llavaseg.data.reasonseg import ReasonSegDataset
 from llavaseg.errors import CheckpointMismatchError, InputError
@@ -144,6 +145,20 @@ def test_identity_mismatch_is_refused_or_namespaced(world, models, tmp_path) -> 
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointMismatchError, match="not empty"):
         FeatureCache(tmp_path / "junk", first)
+
+
+def test_a_cache_another_process_is_creating_is_joined_not_refused(models, tmp_path) -> None:
+    """The ranks of one run open the same new cache together: what one leaves mid-way (the lock, the temporary
+    file of its identity write) must not read as someone else's folder (CI once failed on this race)."""
+    sam, text_encoder = models
+    identity = cache_identity(sam, text_encoder, max_text_tokens=8, stage_source="teacher")
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "index.lock").touch()
+    (root / ".identity.json.k2x9.tmp").write_text("{")
+    cache = FeatureCache(root, identity)
+    assert cache.dir == root and CacheIdentity.model_validate_json((root / "identity.json").read_text()) == identity
+    assert FeatureCache(root, identity).dir == root  # and the next process sees a finished cache
 
 
 def test_build_resumes_and_skips_cached_entries(world, models, tmp_path) -> None:

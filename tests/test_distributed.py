@@ -24,10 +24,16 @@ def _train(data, tmp_path, name: str, processes: int) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+def _why(run: subprocess.CompletedProcess) -> str:
+    """A failed run's own one-line errors first (torchrun's report after them would hide them), then its tail."""
+    own = [line for line in run.stderr.splitlines() if line.startswith("llavaseg")]
+    return "\n".join(own) + "\n" + run.stderr[-1500:]
+
+
 def test_two_process_training_equals_one_process(world_data, tmp_path) -> None:
     one, two = _train(world_data, tmp_path, "one", 1), _train(world_data, tmp_path, "two", 2)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0, _why(one)
+    assert two.returncode == 0, _why(two)
     a = load_file(str(tmp_path / "one" / "adapters.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapters.safetensors"))
     assert a.keys() == b.keys()
@@ -53,8 +59,8 @@ def test_two_process_benchmark_equals_one_process(tmp_path) -> None:
     import json
 
     one, two = _bench(tmp_path / "one", 1), _bench(tmp_path / "two", 2)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0, _why(one)
+    assert two.returncode == 0, _why(two)
     for route in ("llavaseg", "training-free"):
         rows = [[json.loads(line) for line in (tmp_path / name / f"queries-{route}.jsonl").read_text().splitlines()]
                 for name in ("one", "two")]

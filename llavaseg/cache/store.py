@@ -86,6 +86,16 @@ def shard_name(keys: Sequence[str]) -> str:
     return hashlib.blake2b("\n".join(keys).encode(), digest_size=12).hexdigest()
 
 
+_LOCK_NAME = "index.lock"
+
+
+def _is_own_file(name: str) -> bool:
+    """Whether a name in a cache folder without ``identity.json`` is what another process opening the same new
+    cache leaves there mid-way (the lock, a temporary file of an atomic write, the namespaces folder): such a
+    folder is being created, not someone else's folder."""
+    return name in (_LOCK_NAME, "namespaces") or name.startswith((".identity.json.", ".index.json."))
+
+
 def _empty_index() -> dict[str, Any]:
     return {"format_version": CACHE_FORMAT_VERSION, "images": {}, "shards": {}}
 
@@ -106,10 +116,15 @@ class FeatureCache:
         self.dir = self._resolve_dir("namespace" if self.root == default_cache_root() else on_mismatch)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._lock = FileLock(str(self.dir / "index.lock"))
-            if not (self.dir / "identity.json").is_file():
-                atomic_write_text(self.dir / "identity.json",
-                                  json.dumps(identity.model_dump(mode="json"), indent=1, sort_keys=True))
+            self._lock = FileLock(str(self.dir / _LOCK_NAME))
+            with self._lock:  # processes opening one new cache together (the ranks of a run) write it once
+                identity_path = self.dir / "identity.json"
+                if not identity_path.is_file():
+                    atomic_write_text(identity_path,
+                                      json.dumps(identity.model_dump(mode="json"), indent=1, sort_keys=True))
+                elif self._read_identity(identity_path) != identity:
+                    raise CheckpointMismatchError(f"feature cache {self.dir} was just created by another process "
+                                                  "for other models/settings; use another cache directory")
         except OSError as exc:
             raise InputError(f"cannot write the feature cache at {self.dir}: {exc.strerror}") from None
         self._index = self._read_index()
@@ -141,7 +156,7 @@ class FeatureCache:
             return self._namespace()
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"feature cache {self.root} is a file, not a folder")
-        if self.root.exists() and any(p.name != "namespaces" for p in self.root.iterdir()):
+        if self.root.exists() and not all(_is_own_file(p.name) for p in self.root.iterdir()):
             raise CheckpointMismatchError(f"{self.root} is not empty and holds no feature-cache identity.json; "
                                           "refusing to use it as a cache")
         return self._namespace() if self.root == default_cache_root() else self.root
