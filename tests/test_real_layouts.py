@@ -194,3 +194,25 @@ def test_a_pipeline_whose_frozen_model_changed_is_refused(tmp_path):
     (tmp_path / "p" / "pipeline.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointMismatchError, match="SAM .* is not the one this pipeline was saved with"):
         Segmenter.from_pretrained(tmp_path / "p")
+
+
+def test_a_pipelines_own_prompts_are_used_by_the_cli_unless_prompts_is_given(tmp_path, capsys):
+    """A pipeline folder is the whole pipeline: ``llavaseg segment --pipeline`` reads the templates saved with
+    it, as ``Segmenter.from_pretrained`` does; an explicit ``--prompts`` still wins."""
+    from llavaseg import Segmenter
+    from llavaseg.prompting import default_prompts_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "reason.txt").write_text("{query}\nWhat is meant here ? Answer with its name only .\n")
+    Segmenter.from_preset("tiny", prompts_dir=mine).save_pretrained(tmp_path / "p")
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+
+    def reason_prompt(*extra: str) -> str:
+        assert segment_main(["segment", str(image), "the red square", "--pipeline", str(tmp_path / "p"),
+                             "--out", str(tmp_path / "m.png"), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["prompts"]["reason"]
+
+    assert "What is meant here ?" in reason_prompt()
+    assert "What is meant here ?" not in reason_prompt("--prompts", str(default_prompts_dir()))

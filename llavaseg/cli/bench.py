@@ -147,6 +147,7 @@ def _validate_common(args: argparse.Namespace) -> list[str] | None:
     check_spec(choice.spec, needs=route_needs(routes) if routes else None, allow_untrained=choice.allow_untrained)
     if args.prompts is not None and not args.prompts.is_dir():
         raise InputError(f"prompt folder {args.prompts} does not exist")
+    args.prompts = choice.prompts_dir(args.prompts)  # a pipeline's own templates unless --prompts is given
     args.device = check_device(args.device)
     if args.threads is not None:
         import torch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from llavaseg import __version__
 from llavaseg.atomic import writable_dir, writable_file  # noqa: F401 - the CLI's output checks
@@ -71,11 +72,20 @@ def add_component_arguments(parser: argparse.ArgumentParser, *, seg_token: bool 
 
 
 class ComponentChoice:
-    """What the component flags chose: the preset (name, for records), the spec, and whether untrained parts
-    may run."""
+    """What the component flags chose: the preset (name, for records), the spec, whether untrained parts
+    may run, and the pipeline folder they came from (if any)."""
 
     def __init__(self, preset: str, spec: ComponentSpec, allow_untrained: bool, pipeline: str | None) -> None:
         self.preset, self.spec, self.allow_untrained, self.pipeline = preset, spec, allow_untrained, pipeline
+
+    def prompts_dir(self, explicit: Path | None) -> Path | None:
+        """The templates to use: ``--prompts`` when given, else those saved with the pipeline (as
+        ``Segmenter.from_pretrained`` reads them), else the packaged ones (``None``). Why: a pipeline folder is
+        the whole pipeline, so its prompts travel with it in every command, not only in the Python API."""
+        if explicit is not None or not self.pipeline:
+            return explicit
+        saved = Path(self.pipeline).expanduser() / "prompts"
+        return saved if saved.is_dir() else None
 
 
 def components_from_args(args: argparse.Namespace) -> ComponentChoice:
@@ -86,8 +96,6 @@ def components_from_args(args: argparse.Namespace) -> ComponentChoice:
     preset = get_preset(args.preset)
     allow = bool(getattr(args, "allow_untrained", False)) or preset.plumbing
     if getattr(args, "pipeline", None):
-        from pathlib import Path
-
         from llavaseg.pipeline import read_pipeline
 
         manifest, spec = read_pipeline(Path(args.pipeline).expanduser())

@@ -54,7 +54,7 @@ def demo_config(args: argparse.Namespace):
 
     choice = components_from_args(args)
     preset = get_preset(choice.preset)
-    prompts, pipeline = args.prompts, None
+    prompts, pipeline = choice.prompts_dir(args.prompts), None
     if choice.pipeline:
         from llavaseg.pipeline import read_pipeline
 
@@ -62,8 +62,6 @@ def demo_config(args: argparse.Namespace):
         manifest, saved_spec = read_pipeline(folder)
         served, notices, label = None, tuple(manifest.notices), f"pipeline {choice.pipeline}"
         pipeline = folder if saved_spec == choice.spec else None  # flags replaced a part: nothing to compare
-        if prompts is None and (folder / "prompts").is_dir():
-            prompts = folder / "prompts"  # the templates saved with it, as Segmenter.from_pretrained reads them
     elif preset.spec() == choice.spec:
         served, notices, label = preset, ((preset.notice,) if preset.notice else ()), f"preset {preset.name}"
     else:

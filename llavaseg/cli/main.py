@@ -72,7 +72,7 @@ def _segmenter(args: argparse.Namespace, choice):
 
     return Segmenter.from_spec(choice.spec, route=args.route, allow_untrained=choice.allow_untrained,
                                device=args.device, dtype=args.dtype, quantization=args.quantization,
-                               prompts_dir=args.prompts, batch_size=args.batch_size,
+                               prompts_dir=choice.prompts_dir(args.prompts), batch_size=args.batch_size,
                                preset=None if choice.pipeline else _preset(choice.preset, choice.spec))
 
 

@@ -117,8 +117,11 @@ def build_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821 - imp
         values["components"] = _components(args, values.get("preset", "tiny-world")).model_dump(mode="json")
     if args.adapters is not None:
         values["init_adapters"] = args.adapters
-    if args.prompts is not None:
-        values["prompts_dir"] = args.prompts
+    prompts = args.prompts
+    if prompts is None and args.pipeline and (Path(args.pipeline).expanduser() / "prompts").is_dir():
+        prompts = Path(args.pipeline).expanduser() / "prompts"  # the templates saved with the pipeline
+    if prompts is not None:
+        values["prompts_dir"] = prompts
     if isinstance(values.get("val_split"), str) and values["val_split"].lower() == "none":
         values["val_split"] = None
     return TrainConfig.model_validate(values)
