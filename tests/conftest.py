@@ -17,6 +17,21 @@ def tiny_segmenter():
 
 
 @pytest.fixture(scope="session")
+def two_square_scene():
+    """``two_square_scene(seed)``: a 48 x 64 grey image with two squares of seeded colours, the right-hand one at
+    rows 20-40, columns 36-56 (the ReasonSeg-format benchmark tests' scenes)."""
+
+    def scene(seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        image = np.full((48, 64, 3), 230, np.uint8)
+        image[8:24, 8:24] = rng.integers(0, 255, 3)
+        image[20:40, 36:56] = rng.integers(0, 255, 3)
+        return image
+
+    return scene
+
+
+@pytest.fixture(scope="session")
 def rgb_image() -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(90, 140, 3), dtype=np.uint8)

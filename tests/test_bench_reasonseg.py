@@ -91,23 +91,15 @@ def test_routes(monkeypatch):
     CALLS.clear()
 
 
-def _scene(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = np.full((48, 64, 3), 230, np.uint8)
-    image[8:24, 8:24] = rng.integers(0, 255, 3)
-    image[20:40, 36:56] = rng.integers(0, 255, 3)
-    return image
-
-
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
+def data_root(tmp_path_factory, two_square_scene) -> Path:
     """4 images, 5 queries (image 1 has two texts), 2 short + 3 long; targets are the right-hand squares."""
     root = tmp_path_factory.mktemp("reasonseg")
     square = [[36, 20], [56, 20], [56, 40], [36, 40]]
     samples = [("img0", ["the blue square on the right"], True), ("img1", ["right square", "the big one"], False),
                ("img2", ["what would you sit on if it were a chair"], True), ("img3", ["the thing at right"], True)]
     for index, (name, texts, is_sentence) in enumerate(samples):
-        write_reasonseg_sample(root / "val", name, Image.fromarray(_scene(index)), texts, is_sentence,
+        write_reasonseg_sample(root / "val", name, Image.fromarray(two_square_scene(index)), texts, is_sentence,
                                [{"label": "target", "points": square}], image_format="png")
     rows = [{"image": f"img{i}", "question": q, "answer": a} for i in range(4)
             for q, a in (("what colour is the left square ?", "red"), ("how many squares are there ?", "two"))]

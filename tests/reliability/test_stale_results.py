@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,17 +21,9 @@ RIGHT = [[36, 20], [56, 20], [56, 40], [36, 40]]
 LEFT = [[8, 8], [24, 8], [24, 24], [8, 24]]
 
 
-def _scene(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = np.full((48, 64, 3), 230, np.uint8)
-    image[8:24, 8:24] = rng.integers(0, 255, 3)
-    image[20:40, 36:56] = rng.integers(0, 255, 3)
-    return image
-
-
-def _write(root, first_polygon):
+def _write(root, first_polygon, scene):
     for index, polygon in enumerate((first_polygon, RIGHT)):
-        write_reasonseg_sample(root / "val", f"img{index}", Image.fromarray(_scene(index)), [f"the square {index}"],
+        write_reasonseg_sample(root / "val", f"img{index}", Image.fromarray(scene(index)), [f"the square {index}"],
                                False, [{"label": "target", "points": polygon}], image_format="png")
 
 
@@ -47,11 +38,12 @@ def _ious(out) -> dict[str, float]:
     return {row["query_id"]: row["iou"] for row in rows}  # the last line of a query is its current record
 
 
-def test_edited_ground_truth_under_an_old_out_gives_the_fresh_numbers(tmp_path, fast_tiny_models) -> None:
+def test_edited_ground_truth_under_an_old_out_gives_the_fresh_numbers(tmp_path, fast_tiny_models,
+                                                                     two_square_scene) -> None:
     root, out = tmp_path / "data", tmp_path / "run"
-    _write(root, RIGHT)
+    _write(root, RIGHT, two_square_scene)
     before = _bench(root, out)
-    _write(root, LEFT)  # the annotator moves the first polygon
+    _write(root, LEFT, two_square_scene)  # the annotator moves the first polygon
     again = _bench(root, out)
     fresh = _bench(root, tmp_path / "fresh")
     assert again["n_resumed"] == 1  # the untouched query is reused, the edited one scored again
