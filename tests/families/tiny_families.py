@@ -29,9 +29,9 @@ Where the hub file itself could not be read, the comment says so and names the c
   turn ends in ``'<\\\\s> '`` (renders ``<\\s>``), whereas one printed copy of the loaded hub processor shows
   ``'</s> '``. Only the assistant branch differs; the generation prompt (``[INST] <image>\\n... [/INST]``) does not.
 
-Families not in this module: ``SmolVLMForConditionalGeneration`` (SmolVLM2, model_type ``smolvlm``) needs the
-``num2words`` package for its processor; ``SmolVLM-256M-Instruct`` itself is an ``idefics3`` checkpoint, which is
-what the ``smolvlm`` entry builds (``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``).
+``SmolVLM-256M-Instruct`` itself is an ``idefics3`` checkpoint, which is what the ``smolvlm`` entry builds
+(``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``); ``smolvlm2`` builds SmolVLM2's own classes
+(``SmolVLMForConditionalGeneration``, model_type ``smolvlm``), whose processor needs the ``num2words`` package.
 """
 
 from __future__ import annotations
@@ -883,19 +883,16 @@ def build_internvl(folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_smolvlm(folder: Path) -> Path:
-    """SmolVLM-256M-Instruct's classes: ``Idefics3ForConditionalGeneration`` (SigLIP-like 32 px / patch 8,
-    pixel-shuffle 2 -> 4 tokens per tile, Llama text) + ``Idefics3Processor`` (``Idefics3ImageProcessor`` splitting
-    an image into up to 2x2 tiles of 32 px plus a global image)."""
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-        Idefics3VisionConfig,
-        LlamaConfig,
-    )
+def _idefics_style(folder: Path, smolvlm2: bool) -> Path:
+    """One builder for the two SmolVLM generations, which differ only in class names (and SmolVLM2's video
+    processor): SigLIP-like 32 px / patch 8 vision, pixel-shuffle 2 -> 4 tokens per tile, Llama text; the image
+    processor splits an image into up to 2x2 tiles of 32 px plus a global image."""
+    import transformers
+    from transformers import LlamaConfig
 
+    prefix = "SmolVLM" if smolvlm2 else "Idefics3"
+    classes = {name: getattr(transformers, f"{prefix}{name}") for name in (
+        "Config", "ForConditionalGeneration", "ImageProcessor", "Processor", "VisionConfig")}
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
     tok = build_tokenizer(
         special_tokens=[
@@ -919,19 +916,21 @@ def build_smolvlm(folder: Path) -> Path:
         },
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
-    image_processor = Idefics3ImageProcessor(
+    image_processor = classes["ImageProcessor"](
         size={"longest_edge": 64},
         max_image_size={"longest_edge": 32},
         do_image_splitting=True,
     )
-    processor = Idefics3Processor(
+    video = {"video_processor": transformers.SmolVLMVideoProcessor()} if smolvlm2 else {}
+    processor = classes["Processor"](
         image_processor=image_processor,
         tokenizer=tok,
         image_seq_len=4,
         chat_template=SMOLVLM_CHAT_TEMPLATE,
+        **video,
     )
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(**_VIS, image_size=32, patch_size=8),
+    config = classes["Config"](
+        vision_config=classes["VisionConfig"](**_VIS, image_size=32, patch_size=8),
         text_config=LlamaConfig(
             **_TXT,
             vocab_size=len(tok),
@@ -944,7 +943,18 @@ def build_smolvlm(folder: Path) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     _seed()
-    return _finish(Idefics3ForConditionalGeneration(config), processor, tok, folder)
+    return _finish(classes["ForConditionalGeneration"](config), processor, tok, folder)
+
+
+def build_smolvlm(folder: Path) -> Path:
+    """SmolVLM-256M-Instruct's classes: ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``."""
+    return _idefics_style(folder, smolvlm2=False)
+
+
+def build_smolvlm2(folder: Path) -> Path:
+    """SmolVLM2's classes (model_type ``smolvlm``): ``SmolVLMForConditionalGeneration`` + ``SmolVLMProcessor``,
+    whose processor imports ``num2words`` (a ``dev`` dependency for this test)."""
+    return _idefics_style(folder, smolvlm2=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -961,6 +971,7 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
     "gemma3": build_gemma3,
     "internvl": build_internvl,
     "smolvlm": build_smolvlm,
+    "smolvlm2": build_smolvlm2,
 }
 
 # (model class, processor class) each family's folder loads as through the Auto classes.
@@ -977,6 +988,7 @@ FAMILY_CLASSES: dict[str, tuple[str, str]] = {
     "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
     "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor"),
     "smolvlm": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
+    "smolvlm2": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor"),
 }
 
 
