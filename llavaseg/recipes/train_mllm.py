@@ -65,6 +65,7 @@ from llavaseg.recipes.mllm_data import (
     pixel_values,
     reason_turns,
 )
+from llavaseg.recipes.mllm_mining import MinedConfusion, mined_pool
 from llavaseg.recipes.mllm_region import evaluate_region, highlighted_object, region_turns, region_view, remap_vocabulary
 from llavaseg.tinyworld.generate import iter_scenes, scene_rng
 from llavaseg.tinyworld.scenes import Scene, render_scene_array, sample_scene
@@ -82,6 +83,9 @@ RECIPE = [
     "region (when region_steps > 0): as tune at region_lr_factor x the learning rates, each scene adding "
     "region_per_scene 3-turn chats on a highlighted view (verify yes/no, colour, shape of the highlighted object); "
     "init_from starts this stage from a saved model, its vocabulary mapped word by word",
+    "mined confusions (when region_mined_rate > 0): the init_from model answers both stages on mined_scenes fresh "
+    "train-stream scenes; each region chat is, at region_mined_rate, a pair on one of its slips: the object it "
+    "named highlighted (no) and the query's target (yes)",
 ]
 """How the shipped weights were made, in words (recorded in the model card)."""
 ALIGN_SCENE_OFFSET = 10_000_000
@@ -118,6 +122,9 @@ class TrainConfig(BaseModel):
     region_per_scene: int = 1
     region_lr_factor: float = 0.5
     init_from: str | None = None  # a saved MLLM folder the region stage starts from (align and tune skipped)
+    region_mined_rate: float = 0.0  # share of region chats that are a mined confusion pair (mllm_mining)
+    mined_scenes: int = 0  # train-stream scenes the init_from model is asked on to mine them
+    mined_start: int = 1_000_000  # first such scene (far past the scenes tune/region and the benchmark use)
 
 
 class AuxHeads(torch.nn.Module):
@@ -253,7 +260,7 @@ def _referent(scene: Scene, index: int | None) -> np.ndarray:
 
 
 def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config: TrainConfig,
-               step: int, region: bool = False) -> dict[str, torch.Tensor]:
+               step: int, region: bool = False, mined: list[MinedConfusion] | None = None) -> dict[str, torch.Tensor]:
     """Per scene: ``reason_per_scene`` two-turn reasoning chats (distinct queries when the scene has them) and one
     5-turn dialogue chat in random order, right-padded. Several chats per scene halve the cost of generating data.
 
@@ -278,7 +285,7 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
         image_index += [len(arrays) - 1] * (len(picks) + 1)
         if region:
             _add_region_chats(scene, arrays[-1], queries, prompts, encoder, config, rng,
-                              (arrays, rows, targets, image_index, referents))
+                              (arrays, rows, targets, image_index, referents), mined)
     width = max(len(ids) for ids, _ in rows)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -303,18 +310,32 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
 
 
 def _add_region_chats(scene: Scene, image: np.ndarray, queries: list, prompts: PromptSet, encoder: ChatEncoder,
-                      config: TrainConfig, rng: np.random.Generator, into: tuple[list, ...]) -> None:
+                      config: TrainConfig, rng: np.random.Generator, into: tuple[list, ...],
+                      mined: list[MinedConfusion] | None = None) -> None:
     """Append ``region_per_scene`` highlighted-view chats of one scene to the batch lists (each with its own
-    image; no per-cell targets on it; the colour/shape answers are about the highlighted object)."""
+    image; no per-cell targets on it; the colour/shape answers are about the highlighted object). With a mined
+    pool, each chat is instead, at ``region_mined_rate``, a mined confusion pair: the object a model wrongly
+    named for a query ("no") and that query's target ("yes"), on the mined scene."""
     arrays, rows, targets, image_index, referents = into
-    for _ in range(config.region_per_scene):
-        query = queries[int(rng.integers(len(queries)))]
-        index = highlighted_object(scene, query, rng)
-        arrays.append(region_view(image, scene, index))
+
+    def add(on_scene: Scene, on_image: np.ndarray, query: Any, index: int) -> None:
+        arrays.append(region_view(on_image, on_scene, index))
         targets.append(np.full((TOKENS_PER_SIDE * TOKENS_PER_SIDE, len(AUX_CLASSES)), IGNORE, dtype=np.int64))
-        rows.append(encoder.encode(region_turns(prompts, scene, query, index)))
-        referents.append([_referent(scene, None), _referent(scene, index), _referent(scene, index)])
+        rows.append(encoder.encode(region_turns(prompts, on_scene, query, index)))
+        referents.append([_referent(on_scene, None), _referent(on_scene, index), _referent(on_scene, index)])
         image_index.append(len(arrays) - 1)
+
+    for _ in range(config.region_per_scene):
+        if mined and rng.random() < config.region_mined_rate:
+            confusion = mined[int(rng.integers(len(mined)))]
+            mined_scene, mined_image, mined_queries, _ = next(iter_scenes("train", config.data_seed, 1,
+                                                                          start=confusion.scene))
+            query, array = mined_queries[confusion.query], np.asarray(mined_image)
+            add(mined_scene, array, query, confusion.wrong)
+            add(mined_scene, array, query, query.target_index)
+            continue
+        query = queries[int(rng.integers(len(queries)))]
+        add(scene, image, query, highlighted_object(scene, query, rng))
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -400,6 +421,7 @@ class _Trainer:
                                        "seconds": {"align": 0.0, "tune": 0.0, "region": 0.0},
                                        "cpu_seconds": {"align": 0.0, "tune": 0.0, "region": 0.0}, "history": []}
         self.budget = stop_after if stop_after is not None else -1
+        self.mined: list[MinedConfusion] | None = None
         if config.init_from is not None:
             self._start_from(Path(config.init_from))
         self.optimizer = _optimizer(self.model, self.heads, config, self.record["stage"])
@@ -413,6 +435,12 @@ class _Trainer:
         remap_vocabulary(old, old_tokenizer, self.model, self.processor.tokenizer)
         self.record["stage"] = "region"
         self.record["init_from"] = {"folder": str(folder), "weights_digest": weights_digest(old)}
+        if self.config.region_mined_rate > 0 and self.config.mined_scenes > 0:
+            torch.set_num_threads(self.config.threads)
+            self.mined = mined_pool(self.work_dir, FrozenMLLM.from_pretrained(folder, local_files_only=True),
+                                    weights_digest(old), self.prompts, self.config.data_seed,
+                                    self.config.mined_start, self.config.mined_scenes, self.log)
+            self.record["mined_confusions"] = len(self.mined)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -485,7 +513,8 @@ class _Trainer:
 
     def _tune_loss(self, step: int, region: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         config = self.config
-        batch = tune_batch(self.processor, self.encoder, self.prompts, config, step, region=region)
+        batch = tune_batch(self.processor, self.encoder, self.prompts, config, step, region=region,
+                           mined=self.mined if region else None)
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             pixel_values=batch["pixel_values"], use_cache=False,
                             output_hidden_states=config.referent_weight > 0)
