@@ -197,6 +197,7 @@ def run_route(name: str, route, queries: list, store: Path, batch_size: int, pla
             del done[query.query_id]
     resumed = sum(query.query_id in done for query in queries)
     pending = [query for query in queries if query.query_id not in done]
+    barrier(place)  # every rank has read the store before any appends to it: all agree on what is pending
     mine = make_batches(pending, batch_size)[place.rank:: place.size] if pending else []
     target = _rank_file(store, place.rank) if place.distributed else store
     with tqdm(total=sum(len(batch) for batch in mine), desc=name, unit="q", file=sys.stderr,
@@ -207,8 +208,9 @@ def run_route(name: str, route, queries: list, store: Path, batch_size: int, pla
             done.update({record.query_id: record for record in records})
             bar.update(len(batch))
     if place.distributed:
-        barrier(place)
+        barrier(place)  # every rank's records are on disk
         done = _stored(store)
+        barrier(place)  # every rank has read them: only now may rank 0 merge the rank files away
         if place.is_main:  # one merged file, in query order; the rank files are then redundant
             merged = [done[query.query_id] for query in queries if query.query_id in done]
             write_atomic(store, "".join(record.model_dump_json() + "\n" for record in merged))
