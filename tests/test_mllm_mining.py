@@ -88,3 +88,15 @@ def test_at_rate_one_every_region_chat_is_a_mined_pair() -> None:
     tokenizer = processor.tokenizer
     verdicts = [tokenizer.decode([int(t) for t in labels[labels >= 0][:1]]) for labels in paired["labels"]]
     assert verdicts[per_scene: per_scene + 2] == ["no", "yes"]
+
+
+def test_a_mining_rate_without_a_model_to_mine_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from llavaseg.recipes.train_mllm import TrainConfig
+
+    with pytest.raises(ValidationError, match="needs init_from"):
+        TrainConfig(region_mined_rate=0.5, mined_scenes=10)
+    with pytest.raises(ValidationError, match="mined_scenes > 0"):
+        TrainConfig(region_mined_rate=0.5, init_from="some/mllm")
+    assert TrainConfig(region_mined_rate=0.5, mined_scenes=10, init_from="some/mllm").region_mined_rate == 0.5

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError, model_validator
 
 from llavaseg.atomic import atomic_write_text
 from llavaseg.models.mllm import FrozenMLLM
@@ -125,6 +125,14 @@ class TrainConfig(BaseModel):
     region_mined_rate: float = 0.0  # share of region chats that are a mined confusion pair (mllm_mining)
     mined_scenes: int = 0  # train-stream scenes the init_from model is asked on to mine them
     mined_start: int = 1_000_000  # first such scene (far past the scenes tune/region and the benchmark use)
+
+    @model_validator(mode="after")
+    def _mining_needs_a_model(self) -> TrainConfig:
+        """Mining asks the ``init_from`` model: a rate without it (or without scenes) would silently mine nothing."""
+        if self.region_mined_rate > 0 and (self.init_from is None or self.mined_scenes <= 0):
+            raise ValueError("region_mined_rate > 0 needs init_from (the model whose slips are mined) and "
+                             "mined_scenes > 0")
+        return self
 
 
 class AuxHeads(torch.nn.Module):
@@ -435,8 +443,7 @@ class _Trainer:
         remap_vocabulary(old, old_tokenizer, self.model, self.processor.tokenizer)
         self.record["stage"] = "region"
         self.record["init_from"] = {"folder": str(folder), "weights_digest": weights_digest(old)}
-        if self.config.region_mined_rate > 0 and self.config.mined_scenes > 0:
-            torch.set_num_threads(self.config.threads)
+        if self.config.region_mined_rate > 0:
             self.mined = mined_pool(self.work_dir, FrozenMLLM.from_pretrained(folder, local_files_only=True),
                                     weights_digest(old), self.prompts, self.config.data_seed,
                                     self.config.mined_start, self.config.mined_scenes, self.log)
@@ -597,6 +604,16 @@ def save_model(model: Any, processor: Any, out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def _config_from(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the flags; an invalid combination is one line, not a pydantic traceback."""
+    try:
+        return TrainConfig(**{name: getattr(args, name) for name in TrainConfig.model_fields})
+    except ValidationError as exc:
+        from llavaseg.errors import InputError
+
+        raise InputError(f"invalid setting: {exc.errors()[0]['msg']}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / "mllm", help="save_pretrained directory")
@@ -614,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = str if field.default is None else type(field.default)
             parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=field.default)
     args = parser.parse_args(argv)
-    config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.model_fields})
+    config = _config_from(args)
     card_path = args.card or args.out.parent / f"{args.out.name}_card.json"
     work_dir = args.work_dir or Path("runs") / f"mllm-seed{config.seed}"
     torch.set_num_threads(config.threads)
