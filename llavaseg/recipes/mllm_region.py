@@ -38,14 +38,19 @@ def object_mask(scene: Scene, index: int, shape: tuple[int, int]) -> np.ndarray:
     return polygons_to_mask(polygon, *shape) == 1
 
 
+def _distractors(scene: Scene, query: TargetQuery) -> tuple[list[int], list[int]]:
+    """The objects other than the query's target, and those of them sharing its shape."""
+    others = [i for i in range(len(scene.objects)) if i != query.target_index]
+    target_shape = scene.objects[query.target_index].shape
+    return others, [i for i in others if scene.objects[i].shape == target_shape]
+
+
 def highlighted_object(scene: Scene, query: TargetQuery, rng: np.random.Generator) -> int:
     """The target half of the time; otherwise another object, one sharing the target's shape when there is one
     (the candidates a wrong stage-2 location leads the adapters to)."""
-    others = [i for i in range(len(scene.objects)) if i != query.target_index]
+    others, confusable = _distractors(scene, query)
     if not others or rng.random() < 0.5:
         return query.target_index
-    target_shape = scene.objects[query.target_index].shape
-    confusable = [i for i in others if scene.objects[i].shape == target_shape]
     pool = confusable if confusable and rng.random() < 0.75 else others
     return int(pool[int(rng.integers(len(pool)))])
 
@@ -93,7 +98,7 @@ def evaluate_region(mllm: Any, prompts: PromptSet, split: str = "val", seed: int
     for scene, image, queries, _ in iter_scenes(split, seed, count):
         array = np.asarray(image)
         for query in queries:
-            others = [i for i in range(len(scene.objects)) if i != query.target_index]
+            others, _ = _distractors(scene, query)
             for index in [query.target_index, *([highlighted_other(scene, query, rng)] if others else [])]:
                 chats.append((region_view(array, scene, index), region_turns(prompts, scene, query, index)))
     hits: dict[str, list[int]] = {}
@@ -110,7 +115,6 @@ def evaluate_region(mllm: Any, prompts: PromptSet, split: str = "val", seed: int
 
 def highlighted_other(scene: Scene, query: TargetQuery, rng: np.random.Generator) -> int:
     """Another object than the target, one sharing its shape when there is one (for the ``no`` case)."""
-    others = [i for i in range(len(scene.objects)) if i != query.target_index]
-    same = [i for i in others if scene.objects[i].shape == scene.objects[query.target_index].shape]
+    others, same = _distractors(scene, query)
     pool = same or others
     return int(pool[int(rng.integers(len(pool)))])

@@ -439,14 +439,15 @@ class _Trainer:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         old = LlavaForConditionalGeneration.from_pretrained(folder)
-        old_tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
-        remap_vocabulary(old, old_tokenizer, self.model, self.processor.tokenizer)
+        old_processor = AutoProcessor.from_pretrained(folder)
+        remap_vocabulary(old, old_processor.tokenizer, self.model, self.processor.tokenizer)
+        digest = weights_digest(old)
         self.record["stage"] = "region"
-        self.record["init_from"] = {"folder": str(folder), "weights_digest": weights_digest(old)}
-        if self.config.region_mined_rate > 0:
-            self.mined = mined_pool(self.work_dir, FrozenMLLM.from_pretrained(folder, local_files_only=True),
-                                    weights_digest(old), self.prompts, self.config.data_seed,
-                                    self.config.mined_start, self.config.mined_scenes, self.log)
+        self.record["init_from"] = {"folder": str(folder), "weights_digest": digest}
+        if self.config.region_mined_rate > 0:  # the loaded model, frozen, is the one whose slips are mined
+            self.mined = mined_pool(self.work_dir, FrozenMLLM(old, old_processor, name=str(folder)), digest,
+                                    self.prompts, self.config.data_seed, self.config.mined_start,
+                                    self.config.mined_scenes, self.log)
             self.record["mined_confusions"] = len(self.mined)
 
     @property
