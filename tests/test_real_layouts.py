@@ -216,3 +216,7 @@ def test_a_pipelines_own_prompts_are_used_by_the_cli_unless_prompts_is_given(tmp
 
     assert "What is meant here ?" in reason_prompt()
     assert "What is meant here ?" not in reason_prompt("--prompts", str(default_prompts_dir()))
+    from llavaseg.cli.train import _parser, build_config
+
+    train = build_config(_parser().parse_args(["--preset", "tiny", "--pipeline", str(tmp_path / "p")]))
+    assert train.prompts_dir == tmp_path / "p" / "prompts"  # llavaseg-train reads them too

@@ -20,7 +20,7 @@ from llavaseg.models.components import ComponentSpec
 from llavaseg.models.presets import PRESETS, get_preset
 
 __all__ = ["add_version_argument", "add_device_argument", "check_device", "add_component_arguments",
-           "ComponentChoice", "components_from_args"]
+           "ComponentChoice", "components_from_args", "prompts_for"]
 
 _DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
 
@@ -79,13 +79,17 @@ class ComponentChoice:
         self.preset, self.spec, self.allow_untrained, self.pipeline = preset, spec, allow_untrained, pipeline
 
     def prompts_dir(self, explicit: Path | None) -> Path | None:
-        """The templates to use: ``--prompts`` when given, else those saved with the pipeline (as
-        ``Segmenter.from_pretrained`` reads them), else the packaged ones (``None``). Why: a pipeline folder is
-        the whole pipeline, so its prompts travel with it in every command, not only in the Python API."""
-        if explicit is not None or not self.pipeline:
-            return explicit
-        saved = Path(self.pipeline).expanduser() / "prompts"
-        return saved if saved.is_dir() else None
+        return prompts_for(self.pipeline, explicit)
+
+
+def prompts_for(pipeline: str | Path | None, explicit: Path | None) -> Path | None:
+    """The templates to use: ``--prompts`` when given, else those saved with the pipeline (as
+    ``Segmenter.from_pretrained`` reads them), else the packaged ones (``None``). Why: a pipeline folder is the
+    whole pipeline, so its prompts travel with it in every command, not only in the Python API."""
+    if explicit is not None or not pipeline:
+        return explicit
+    saved = Path(pipeline).expanduser() / "prompts"
+    return saved if saved.is_dir() else None
 
 
 def components_from_args(args: argparse.Namespace) -> ComponentChoice:

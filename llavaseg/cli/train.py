@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from llavaseg.cli.common import add_version_argument
+from llavaseg.cli.common import add_version_argument, prompts_for
 from llavaseg.errors import LlavasegError, run_guarded
 
 # flag -> TrainConfig field, for the simple scalar options (None default = keep the config's value)
@@ -117,9 +117,7 @@ def build_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821 - imp
         values["components"] = _components(args, values.get("preset", "tiny-world")).model_dump(mode="json")
     if args.adapters is not None:
         values["init_adapters"] = args.adapters
-    prompts = args.prompts
-    if prompts is None and args.pipeline and (Path(args.pipeline).expanduser() / "prompts").is_dir():
-        prompts = Path(args.pipeline).expanduser() / "prompts"  # the templates saved with the pipeline
+    prompts = prompts_for(args.pipeline, args.prompts)
     if prompts is not None:
         values["prompts_dir"] = prompts
     if isinstance(values.get("val_split"), str) and values["val_split"].lower() == "none":
