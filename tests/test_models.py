@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llavaseg.errors import CheckpointMismatchError
+from llavaseg.images import image_digest
 from llavaseg.models.adapters import load_adapters, save_adapters
 from llavaseg.models.mllm import FrozenMLLM
 from llavaseg.models.components import new_adapters
@@ -152,6 +153,19 @@ def test_vision_tower_runs_once_per_image_across_queries(chatty_mllm):
     fresh = FrozenMLLM(chatty_mllm.model, chatty_mllm.processor, max_new_tokens=6, image_cache_size=0)
     fresh._features_supported = False  # the plain pixel_values path
     assert fresh.converse([image, other], [["the red circle ?", "what colour ?"], ["why ?", "how ?"]]) == again
+
+
+def test_image_cache_smaller_than_a_batch_still_serves_every_image(chatty_mllm):
+    """A batch that hits one cached image and adds another must not evict its own hit (it used to: KeyError)."""
+    image, other = _images()
+    expected = chatty_mllm.converse([image, other], [["the red circle ?", "what colour ?"], ["why ?", "how ?"]])
+    small = FrozenMLLM(chatty_mllm.model, chatty_mllm.processor, max_new_tokens=6, image_cache_size=1)
+    small.converse([image], [["the red circle ?", "what colour ?"]])  # `image` cached; the cache is full
+    assert small.converse([image, other], [["the red circle ?", "what colour ?"], ["why ?", "how ?"]]) == expected
+    assert list(small._image_cache) == [image_digest(other)]  # the bound holds: the most recent image kept
+    none = FrozenMLLM(chatty_mllm.model, chatty_mllm.processor, max_new_tokens=6, image_cache_size=0)
+    assert none.converse([image, other], [["the red circle ?", "what colour ?"], ["why ?", "how ?"]]) == expected
+    assert not none._image_cache
 
 
 def test_sam_disk_cache_serves_a_new_process_without_encoding(tmp_path: Path):

@@ -309,11 +309,15 @@ class FrozenMLLM:
                 return None
             for index, feature in zip(missing, features):
                 self._image_cache[keys[index]] = feature
-                self._image_cache.move_to_end(keys[index])
-            while len(self._image_cache) > self.image_cache_size:
-                self._image_cache.popitem(last=False)
         self._features_supported = True
-        return [self._image_cache[key] for key in keys]
+        # Read this batch's features before evicting: an entry this batch hit must not be evicted for one it
+        # added (and a batch larger than the cache still gets all of its features).
+        batch = [self._image_cache[key] for key in keys]
+        for key in keys:
+            self._image_cache.move_to_end(key)
+        while len(self._image_cache) > self.image_cache_size:
+            self._image_cache.popitem(last=False)
+        return batch
 
     def _strip(self, ids: list[int]) -> list[int]:
         """Drop padding, image placeholders and trailing end-of-sequence tokens from one generated row."""
