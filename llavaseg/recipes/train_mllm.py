@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds_total": round(sum(record["seconds"].values()), 1),
         "cpu_seconds": {k: round(v, 1) for k, v in record["cpu_seconds"].items()},
         "note_on_time": "wall time on a 2-core machine shared with other training jobs; cpu_seconds is this "
-                        "process's CPU time (threads=1, so it is the time an idle core would need)",
+                        f"process's CPU time summed over its {config.threads} thread(s)",
         "threads": config.threads,
         "machine": {"cpu_count": os.cpu_count(), **machine(), "threads": config.threads},
         "val": report,
