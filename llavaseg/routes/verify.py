@@ -12,10 +12,11 @@ a check that errs now and then must not overturn a first answer that is usually 
 ``llavaseg``.
 
 Options (``RouteContext.options``): ``verify`` (default true), ``samples`` (0: seeded stage-2 samples for the
-vote; on tiny-world train neither sampling nor the vote changed the result), ``temperature`` (1.0),
+vote; off by default because a batch shares one sampling generator, so a query's samples depend on the
+other queries in its batch; measured in ``docs/tinyworld.md``), ``temperature`` (1.0),
 ``vote`` (true), ``beams`` (4: beam-search alternatives, the candidates a confident small MLLM lacks),
 ``constrained`` (true when an attribute schema is known: the ``attribute_schema`` option, a dict of key ->
-values, which the tiny-world preset sets), ``threshold`` (0.2), ``margin`` (0.6),
+values, which the tiny-world preset sets), ``threshold`` (0.4), ``margin`` (0.4),
 ``max_candidates`` (6), ``seed`` (0). ``raw_outputs`` records the candidates, their votes and "yes"
 probabilities, and ``mllm_calls`` (conversation turns sent to the MLLM for the query).
 """
@@ -43,7 +44,7 @@ class VerifyRoute:
     def __init__(self, mllm, sam, text_encoder, adapters, prompts, *, verify: bool = True, samples: int = 0,
                  temperature: float = 1.0, vote: bool = True, beams: int = 4,
                  schema: dict[str, list[str]] | None = None,
-                 threshold: float = 0.2, margin: float = 0.6, max_candidates: int = 6, seed: int = 0,
+                 threshold: float = 0.4, margin: float = 0.4, max_candidates: int = 6, seed: int = 0,
                  with_answer: bool = True, name: str = "llavaseg-verify") -> None:
         if samples < 0 or max_candidates < 1 or not 0.0 <= threshold <= 1.0 or not 0.0 <= margin <= 1.0:
             raise InputError("verify route: samples >= 0, max_candidates >= 1, 0 <= threshold, margin <= 1 required")
@@ -159,7 +160,7 @@ def build(context) -> VerifyRoute:
                        verify=_flag(options.get("verify"), True), samples=int(options.get("samples", 0)),
                        temperature=float(options.get("temperature", 1.0)), vote=_flag(options.get("vote"), True),
                        beams=int(options.get("beams", 4)),
-                       schema=schema, threshold=float(options.get("threshold", 0.2)),
-                       margin=float(options.get("margin", 0.6)),
+                       schema=schema, threshold=float(options.get("threshold", 0.4)),
+                       margin=float(options.get("margin", 0.4)),
                        max_candidates=int(options.get("max_candidates", 6)), seed=int(options.get("seed", 0)),
                        with_answer=context.with_answer, name=str(options.get("name", "llavaseg-verify")))
