@@ -125,3 +125,34 @@ def test_candidates_and_the_verify_route(tiny) -> None:
         assert None not in p_yes and int(b.raw_outputs["kept"]) == int(np.argmax(p_yes))  # none confirmed: best
         assert float(a.raw_outputs["mllm_calls"]) == 1 + 1 + 1 + 1  # stage 1, stage 2, beams, one check
         assert float(b.raw_outputs["mllm_calls"]) == 1 + 1 + 1 + len(candidates)
+
+
+def test_a_sampled_answer_does_not_depend_on_the_rest_of_its_batch(tiny) -> None:
+    """Each conversation samples from its own generator: alone, first or second in a batch, the same answer."""
+    prompts = PromptSet.load()
+    images, texts = [_image(1), _image(2)], ["the thing", "the other thing"]
+
+    def sampled(order: list[int]) -> list[str]:
+        _, state = tiny.mllm.begin([images[i] for i in order], [prompts.render("reason", query=texts[i]) for i in order])
+        return tiny.mllm.follow_up(state, [prompts.render("attributes", description="x")] * len(order),
+                                   max_new_tokens=12, decoding=Decoding(sample=True, seed=3))
+
+    together, swapped, alone = sampled([0, 1]), sampled([1, 0]), sampled([0])
+    assert together[0] == swapped[1] == alone[0] and together[1] == swapped[0]
+    greedy_state = tiny.mllm.begin([images[0]], [prompts.render("reason", query=texts[0])])[1]
+    other_seeds = {tuple(tiny.mllm.follow_up(tiny.mllm.fork(greedy_state), [prompts.render("attributes", description="x")],
+                                             max_new_tokens=12, decoding=Decoding(sample=True, seed=s)))
+                   for s in range(4)}
+    assert len(other_seeds) > 1  # the seed matters: a random tiny model's answers vary between seeds
+
+
+def test_row_sampler_draws_from_the_temperature_softmax() -> None:
+    from llavaseg.models.sampling import RowSampler
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    for temperature in (1.0, 0.5):
+        draws = [int(RowSampler([seed], temperature)(torch.zeros(1, 1, dtype=torch.long), logits).argmax())
+                 for seed in range(4000)]
+        expected = torch.softmax(logits[0] / temperature, -1).numpy()
+        observed = np.bincount(draws, minlength=3) / len(draws)
+        assert np.abs(observed - expected).max() < 0.03, (temperature, observed, expected)

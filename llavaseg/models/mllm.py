@@ -102,8 +102,9 @@ class Conversation:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How one turn is decoded: greedy by default; ``sample`` draws with ``temperature`` from a seeded generator
-    (the global RNG is left as it was); ``constraint`` builds transformers' ``prefix_allowed_tokens_fn`` from
+    """How one turn is decoded: greedy by default; ``sample`` draws with ``temperature``, each conversation from
+    its own generator seeded by ``seed`` and its token ids (:mod:`llavaseg.models.sampling`: the same draw in any
+    batch; the global RNG is left as it was); ``constraint`` builds transformers' ``prefix_allowed_tokens_fn`` from
     the width of the prompt the answer starts after (constrained decoding, :mod:`llavaseg.method.constrained`)."""
 
     sample: bool = False
@@ -255,7 +256,15 @@ class FrozenMLLM:
                                       return_dict_in_generate=True, use_cache=True,
                                       pad_token_id=self.tokenizer.pad_token_id)
         if decoding.sample:
-            kwargs.update(temperature=decoding.temperature, top_k=0, top_p=1.0)
+            # Greedy over Gumbel-perturbed logits, one generator per row: a row's draw is independent of its batch.
+            from transformers import LogitsProcessorList
+
+            from llavaseg.models.sampling import RowSampler, row_seed
+
+            rows = [ids[keep.bool()].tolist() for ids, keep in zip(input_ids, attention_mask)]
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [RowSampler([row_seed(decoding.seed, row) for row in rows], decoding.temperature)])
+            kwargs["do_sample"] = False
         if decoding.beams > 1:
             kwargs.update(num_beams=decoding.beams, num_return_sequences=decoding.beams, early_stopping=True)
         if decoding.constraint is not None:
@@ -274,9 +283,7 @@ class FrozenMLLM:
         for key, value in (extra or {}).items():
             kwargs[key] = value.to(self.device)
         self.row_calls += int(input_ids.shape[0])
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            if decoding.sample:
-                torch.manual_seed(decoding.seed)
+        with torch.inference_mode():
             return self.model.generate(**kwargs)
 
     def _cached_image_features(self, images: list[np.ndarray], pixel_values: torch.Tensor,
