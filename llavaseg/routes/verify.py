@@ -12,8 +12,8 @@ a check that errs now and then must not overturn a first answer that is usually 
 ``llavaseg``.
 
 Options (``RouteContext.options``): ``verify`` (default true), ``samples`` (0: seeded stage-2 samples for the
-vote; off by default because a batch shares one sampling generator, so a query's samples depend on the
-other queries in its batch; measured in ``docs/tinyworld.md``), ``temperature`` (1.0),
+vote, each query drawn independently of its batch; on tiny-world train the vote did not help, measured in
+``docs/tinyworld.md``), ``temperature`` (1.0),
 ``vote`` (true), ``beams`` (4: beam-search alternatives, the candidates a confident small MLLM lacks),
 ``constrained`` (true when an attribute schema is known: the ``attribute_schema`` option, a dict of key ->
 values, which the tiny-world preset sets), ``threshold`` (0.4), ``margin`` (0.4),
