@@ -1,6 +1,6 @@
 """Each helper of ``llavaseg-verify`` measured on its own, on tiny-world val (all texts), one run.
 
-    python benchmarks/verify_ablation.py [--split val|train] [--limit N] [--threads 1] [--out FILE]
+    python benchmarks/verify_ablation.py [--split val|train|select] [--limit N] [--threads 1] [--out FILE]
 
 Variants (same frozen MLLM, text tower, adapters and SAM; nothing trained here):
 
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", default="val",
-                        help="tiny-world split (train: where the route's defaults are chosen)")
+                        help="tiny-world split (select: train-distribution scenes no recipe trained on, where "
+                             "settings that involve the shipped models are chosen)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -263,6 +263,25 @@ def test_default_root_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(ReasonSegDataset(root, "val")) == 1
 
 
+def test_select_split_is_train_stream_scenes_no_recipe_draws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``select`` = train-stream scenes from SELECT_START on, in a cache folder of its own (the default one is
+    untouched), named ``select_*``; the recipes draw train-stream scenes from index 0."""
+    monkeypatch.setenv("LLAVASEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gen, "SELECT_SIZE", 2)
+    root = gen.selection_tinyworld_root()
+    assert root == tmp_path / "cache" / "tinyworld-v1-seed0-select"
+    assert not (tmp_path / "cache" / "tinyworld-v1-seed0").exists()
+    assert sorted(p.name for p in (root / "select").glob("*.png")) == ["select_00000.png", "select_00001.png"]
+    written = ReasonSegDataset(root, "select")
+    expected = list(gen.iter_scenes("train", 0, 2, start=gen.SELECT_START))
+    assert [s.texts for s in written] == [[q.text for q in queries] for _, _, queries, _ in expected]
+    first_train = next(gen.iter_scenes("train", 0, 1))[0]
+    assert next(gen.iter_scenes("select", 0, 1))[0] == expected[0][0] != first_train
+    assert gen.default_tiny_world_source("select").path == root
+    with pytest.raises(InputError, match="cannot write tiny-world split 'sam'"):
+        gen.generate_tinyworld(tmp_path / "x", sizes={"sam": 1})
+
+
 def test_make_functions_are_deterministic() -> None:
     scene = sample_scene(np.random.default_rng(5))
     a = make_target_queries(scene, np.random.default_rng(1)), make_dialogue(scene, np.random.default_rng(1))

@@ -8,6 +8,11 @@ Layout written under ``out_root``::
     {train,val,test}/stages.jsonl   per (image, text): description + attributes the MLLM stage should produce
     {train,val,test}/dialogue.jsonl per image: ordinary questions with short exact answers
 
+The ``select`` split is written on its own (:func:`selection_tinyworld_root`): train-stream scenes from
+:data:`SELECT_START` on. Every recipe draws train-stream scenes from index 0 (the ``train`` split is their
+first 400), so a choice that involves a shipped model (which MLLM to ship, a route's settings) is measured on
+``select``: scenes of the train distribution that no recipe trained on.
+
 Every scene has its own random generator seeded by ``(seed, split, index)``: splits never share scenes,
 scene ``i`` does not depend on how many scenes come before it, and :func:`iter_scenes` reproduces exactly
 what was written without touching disk. Targets are never occluded (see :mod:`llavaseg.tinyworld.scenes`),
@@ -50,12 +55,15 @@ from llavaseg.tinyworld.scenes import Scene, render_scene, sample_scene
 __all__ = [
     "GENERATOR_VERSION",
     "DEFAULT_SIZES",
+    "SELECT_START",
+    "SELECT_SIZE",
     "SPLIT_CODES",
     "scene_rng",
     "scene_name",
     "iter_scenes",
     "generate_tinyworld",
     "default_tinyworld_root",
+    "selection_tinyworld_root",
     "default_tiny_world_source",
     "main",
 ]
@@ -67,6 +75,12 @@ DEFAULT_SIZES: dict[str, int] = {"train": 400, "val": 100, "test": 100}
 
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2, "sam": 3}
 """Seed-stream id of each split. ``sam`` is an endless stream for pretraining the tiny SAM, disjoint from all."""
+
+SELECT_START = 2_000_000
+"""First train-stream scene of the ``select`` split: past every recipe's draws (tune and region steps x scenes,
+mined pools from 1,000,000 up to a few thousand, align pools from 10,000,000, far above)."""
+SELECT_SIZE = 400
+WRITABLE_SPLITS = ("train", "val", "test", "select")
 
 
 def scene_rng(split: str, seed: int, index: int) -> np.random.Generator:
@@ -91,10 +105,11 @@ def iter_scenes(
     The output equals what :func:`generate_tinyworld` writes for the same seed, image for image.
     """
     if count is None:
-        count = DEFAULT_SIZES.get(split)
+        count = SELECT_SIZE if split == "select" else DEFAULT_SIZES.get(split)
+    stream, offset = ("train", SELECT_START) if split == "select" else (split, 0)
     index = start
     while count is None or index < start + count:
-        rng = scene_rng(split, seed, index)
+        rng = scene_rng(stream, seed, offset + index)
         scene = sample_scene(rng)
         queries = make_target_queries(scene, rng)
         dialogue = make_dialogue(scene, rng)
@@ -138,8 +153,8 @@ def generate_tinyworld(out_root: Path | str, seed: int = 0, sizes: Mapping[str, 
     out_root = Path(out_root).expanduser().absolute()
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     for split, n in sizes.items():
-        if split not in SPLIT_CODES or split == "sam":
-            raise InputError(f"cannot write tiny-world split {split!r}; expected train, val or test")
+        if split not in WRITABLE_SPLITS:
+            raise InputError(f"cannot write tiny-world split {split!r}; expected one of {', '.join(WRITABLE_SPLITS)}")
         if n < 1:
             raise InputError(f"split {split!r} needs at least one scene, got {n}")
     if out_root.exists() and not (out_root.is_dir() and (not any(out_root.iterdir()) or _is_tinyworld(out_root))):
@@ -171,13 +186,22 @@ def default_tinyworld_root() -> Path:
     Lives in the user cache (:func:`llavaseg.paths.cache_root`) as ``tinyworld-v1-seed0``. Concurrent first calls
     are safe: each builds a private temporary copy, and one rename wins.
     """
-    root = cache_dir(f"{GENERATOR_VERSION}-seed0")
+    return _cached_tinyworld(cache_dir(f"{GENERATOR_VERSION}-seed0"), DEFAULT_SIZES)
+
+
+def selection_tinyworld_root() -> Path:
+    """The ``select`` split (seed 0, :data:`SELECT_SIZE` scenes), generated once into its own cache folder
+    (``tinyworld-v1-seed0-select``), so the default data set and everything keyed by it stay as they are."""
+    return _cached_tinyworld(cache_dir(f"{GENERATOR_VERSION}-seed0-select"), {"select": SELECT_SIZE})
+
+
+def _cached_tinyworld(root: Path, sizes: Mapping[str, int]) -> Path:
     if _is_tinyworld(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.build-"))
     try:
-        built = generate_tinyworld(tmp_root / "data", seed=0)
+        built = generate_tinyworld(tmp_root / "data", seed=0, sizes=sizes)
         try:
             os.rename(built, root)  # fails if another process already placed a non-empty copy
         except OSError:
@@ -190,7 +214,8 @@ def default_tinyworld_root() -> Path:
 
 def default_tiny_world_source(split: str, *, first_text_only: bool = False) -> DataSource:
     """The embedded tiny world (generated once into the user cache) as a ReasonSeg data source."""
-    return DataSource(kind="reasonseg", path=default_tinyworld_root(), split=split, first_text_only=first_text_only)
+    root = selection_tinyworld_root() if split == "select" else default_tinyworld_root()
+    return DataSource(kind="reasonseg", path=root, split=split, first_text_only=first_text_only)
 
 
 def main(argv: list[str] | None = None) -> int:
