@@ -14,6 +14,7 @@ exactly its own numbers.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,15 @@ def test_split_and_data_mismatch_is_one_line(data, tmp_path, capsys):
         assert len(err) == 1 and "is the 'val' split folder, not 'test'" in err[0]
     # the split folder itself, asked for as what it is, is fine
     assert _score(data / "val", tmp_path / "ok", str(tmp_path / "p"), extra=("--split", "val"))["routes"]["p"]
+    # a data-set root with a meta.json beside its split folders is not taken for a split folder
+    root = tmp_path / "root"
+    shutil.copytree(data, root)
+    (root / "meta.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["score", "--data", str(root), "--split", "select", "--pred", str(tmp_path / "p"),
+                 "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split 'select' not found under" in err[0], err
 
 
 def test_a_results_folder_keeps_to_one_set_of_predictions(data, tmp_path, capsys):

@@ -241,7 +241,9 @@ def _find_split_dir(root: Path, split: str) -> Path:
     for cand in candidates:
         if cand.is_dir():
             return cand
-    if root.is_dir() and (root.name == split or any(root.glob("*.json"))):
+    # A data-set root (it holds split folders, and maybe a meta.json) is not a split folder of its own.
+    holds_splits = root.is_dir() and any((root / name).is_dir() for name in SPLIT_NAMES)
+    if root.is_dir() and not holds_splits and (root.name == split or any(root.glob("*.json"))):
         if root.name.lower() in SPLIT_NAMES and root.name.lower() != split.lower():
             raise DatasetFormatError(f"{root} is the {root.name!r} split folder, not {split!r}: ask for split "
                                      f"{root.name!r}, or give the folder that holds {split}/")
