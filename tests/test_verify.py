@@ -133,16 +133,18 @@ def test_a_sampled_answer_does_not_depend_on_the_rest_of_its_batch(tiny) -> None
     images, texts = [_image(1), _image(2)], ["the thing", "the other thing"]
 
     def sampled(order: list[int]) -> list[str]:
-        _, state = tiny.mllm.begin([images[i] for i in order], [prompts.render("reason", query=texts[i]) for i in order])
+        reason = [prompts.render("reason", query=texts[i]) for i in order]
+        _, state = tiny.mllm.begin([images[i] for i in order], reason)
         return tiny.mllm.follow_up(state, [prompts.render("attributes", description="x")] * len(order),
                                    max_new_tokens=12, decoding=Decoding(sample=True, seed=3))
 
     together, swapped, alone = sampled([0, 1]), sampled([1, 0]), sampled([0])
     assert together[0] == swapped[1] == alone[0] and together[1] == swapped[0]
-    greedy_state = tiny.mllm.begin([images[0]], [prompts.render("reason", query=texts[0])])[1]
-    other_seeds = {tuple(tiny.mllm.follow_up(tiny.mllm.fork(greedy_state), [prompts.render("attributes", description="x")],
-                                             max_new_tokens=12, decoding=Decoding(sample=True, seed=s)))
-                   for s in range(4)}
+    first_turn = tiny.mllm.begin([images[0]], [prompts.render("reason", query=texts[0])])[1]
+    ask = [prompts.render("attributes", description="x")]
+    other_seeds = {tuple(tiny.mllm.follow_up(tiny.mllm.fork(first_turn), ask, max_new_tokens=12,
+                                             decoding=Decoding(sample=True, seed=seed)))
+                   for seed in range(4)}
     assert len(other_seeds) > 1  # the seed matters: a random tiny model's answers vary between seeds
 
 
