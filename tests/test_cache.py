@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,30 @@ def test_a_cache_another_process_is_creating_is_joined_not_refused(models, tmp_p
     cache = FeatureCache(root, identity)
     assert cache.dir == root and CacheIdentity.model_validate_json((root / "identity.json").read_text()) == identity
     assert FeatureCache(root, identity).dir == root  # and the next process sees a finished cache
+
+
+def test_a_cache_finished_by_another_process_between_two_looks_is_joined(models, tmp_path, monkeypatch) -> None:
+    """The other race of opening one new cache together: the other rank writes identity.json and its first data
+    files right after this one looked for identity.json and before it lists the folder (CI failed on it)."""
+    sam, text_encoder = models
+    identity = cache_identity(sam, text_encoder, max_text_tokens=8, stage_source="teacher")
+    root = tmp_path / "c"
+    FeatureCache(root, identity)  # what the other rank has written by the time this one lists the folder
+    (root / "images").mkdir()
+    real_is_file, looks = Path.is_file, []
+
+    def first_look_misses(path: Path) -> bool:
+        if path == root / "identity.json" and not looks:
+            looks.append(path)
+            return False  # this rank looked just before the other rank's identity.json appeared
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", first_look_misses)
+    assert FeatureCache(root, identity).dir == root and looks
+    monkeypatch.setattr(Path, "is_file", real_is_file)
+    (root / "identity.json").unlink()  # a folder that really holds no identity is still refused
+    with pytest.raises(CheckpointMismatchError, match="holds no feature-cache identity.json"):
+        FeatureCache(root, identity)
 
 
 def test_build_resumes_and_skips_cached_entries(world, models, tmp_path) -> None:

@@ -157,6 +157,10 @@ class FeatureCache:
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"feature cache {self.root} is a file, not a folder")
         if self.root.exists() and not all(_is_own_file(p.name) for p in self.root.iterdir()):
+            if primary.is_file():
+                # Another process finished creating this cache between the two looks (its identity.json, then
+                # its first data files, appeared after the check above): judge the cache it wrote.
+                return self._resolve_dir(on_mismatch)
             raise CheckpointMismatchError(f"{self.root} is not empty and holds no feature-cache identity.json; "
                                           "refusing to use it as a cache")
         return self._namespace() if self.root == default_cache_root() else self.root
