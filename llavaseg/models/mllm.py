@@ -252,7 +252,7 @@ class FrozenMLLM:
                   image_features: list[torch.Tensor] | None = None, decoding: Decoding | None = None) -> Any:
         decoding = decoding or Decoding()
         kwargs: dict[str, Any] = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, do_sample=decoding.sample, num_beams=1,
+                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                       return_dict_in_generate=True, use_cache=True,
                                       pad_token_id=self.tokenizer.pad_token_id)
         if decoding.sample:
@@ -264,7 +264,6 @@ class FrozenMLLM:
             rows = [ids[keep.bool()].tolist() for ids, keep in zip(input_ids, attention_mask)]
             kwargs["logits_processor"] = LogitsProcessorList(
                 [RowSampler([row_seed(decoding.seed, row) for row in rows], decoding.temperature)])
-            kwargs["do_sample"] = False
         if decoding.beams > 1:
             kwargs.update(num_beams=decoding.beams, num_return_sequences=decoding.beams, early_stopping=True)
         if decoding.constraint is not None:
