@@ -100,3 +100,25 @@ def test_a_mining_rate_without_a_model_to_mine_is_refused() -> None:
     with pytest.raises(ValidationError, match="mined_scenes > 0"):
         TrainConfig(region_mined_rate=0.5, init_from="some/mllm")
     assert TrainConfig(region_mined_rate=0.5, mined_scenes=10, init_from="some/mllm").region_mined_rate == 0.5
+
+
+def test_region_start_moves_only_the_region_stage_to_later_scenes() -> None:
+    """A continued region stage (``region_start``) trains on scenes its init model never saw; tune is unmoved."""
+    import torch
+
+    from llavaseg.recipes.mllm_data import TINY_WORLD_MLLM_SPEC, ChatEncoder, build_tiny_world_mllm
+    from llavaseg.recipes.train_mllm import TrainConfig, tune_batch
+
+    prompts = PromptSet.load()
+    _, processor = build_tiny_world_mllm(prompts)
+    encoder = ChatEncoder(processor, TINY_WORLD_MLLM_SPEC.num_image_tokens)
+    config = TrainConfig(tune_scenes=2, region_per_scene=1, reason_per_scene=2)
+    moved = config.model_copy(update={"region_start": 10})
+    first_image = 0  # row 0 is the first scene's first reasoning chat, on the plain scene image
+    later = tune_batch(processor, encoder, prompts, moved, 0, region=True)["pixel_values"][first_image]
+    scene_ten = tune_batch(processor, encoder, prompts, config, 5, region=True)["pixel_values"][first_image]
+    scene_zero = tune_batch(processor, encoder, prompts, config, 0, region=True)["pixel_values"][first_image]
+    assert torch.equal(later, scene_ten) and not torch.equal(later, scene_zero)
+    tune_moved = tune_batch(processor, encoder, prompts, moved, 0)
+    tune_plain = tune_batch(processor, encoder, prompts, config, 0)
+    assert all(torch.equal(tune_moved[key], tune_plain[key]) for key in tune_plain)

@@ -278,6 +278,12 @@ def test_select_split_is_train_stream_scenes_no_recipe_draws(tmp_path: Path, mon
     first_train = next(gen.iter_scenes("train", 0, 1))[0]
     assert next(gen.iter_scenes("select", 0, 1))[0] == expected[0][0] != first_train
     assert gen.default_tiny_world_source("select").path == root
+    second = gen.selection_tinyworld_root("select2")  # a fresh selection set once "select" has been chosen on
+    assert second == tmp_path / "cache" / "tinyworld-v1-seed0-select2"
+    assert next(gen.iter_scenes("select2", 0, 1))[0] == next(gen.iter_scenes("train", 0, 1, start=3_000_000))[0]
+    assert [s.texts for s in ReasonSegDataset(second, "select2")] != [s.texts for s in written]
+    with pytest.raises(InputError, match="unknown selection split 'val'"):
+        gen.selection_tinyworld_root("val")
     with pytest.raises(InputError, match="cannot write tiny-world split 'sam'"):
         gen.generate_tinyworld(tmp_path / "x", sizes={"sam": 1})
 

@@ -82,7 +82,8 @@ RECIPE = [
     "reason/attributes chats and 5-turn dialogue chats through the llava-1.5 template",
     "region (when region_steps > 0): as tune at region_lr_factor x the learning rates, each scene adding "
     "region_per_scene 3-turn chats on a highlighted view (verify yes/no, colour, shape of the highlighted object); "
-    "init_from starts this stage from a saved model, its vocabulary mapped word by word",
+    "init_from starts this stage from a saved model, its vocabulary mapped word by word; its scenes are the "
+    "train stream's from region_start on",
     "mined confusions (when region_mined_rate > 0): the init_from model answers both stages on mined_scenes fresh "
     "train-stream scenes; each region chat is, at region_mined_rate, a pair on one of its slips: the object it "
     "named highlighted (no) and the query's target (yes)",
@@ -121,6 +122,7 @@ class TrainConfig(BaseModel):
     region_steps: int = 0
     region_per_scene: int = 1
     region_lr_factor: float = 0.5
+    region_start: int = 0  # first train-stream scene of the region stage (a continuation can go past seen scenes)
     init_from: str | None = None  # a saved MLLM folder the region stage starts from (align and tune skipped)
     region_mined_rate: float = 0.0  # share of region chats that are a mined confusion pair (mllm_mining)
     mined_scenes: int = 0  # train-stream scenes the init_from model is asked on to mine them
@@ -278,8 +280,8 @@ def tune_batch(processor: Any, encoder: ChatEncoder, prompts: PromptSet, config:
     """
     rng = np.random.default_rng([config.seed, 2, step])
     arrays, rows, targets, image_index, referents = [], [], [], [], []
-    for scene, image, queries, dialogue in iter_scenes("train", config.data_seed, config.tune_scenes,
-                                                       start=step * config.tune_scenes):
+    first = step * config.tune_scenes + (config.region_start if region else 0)
+    for scene, image, queries, dialogue in iter_scenes("train", config.data_seed, config.tune_scenes, start=first):
         arrays.append(np.asarray(image))
         targets.append(cell_targets(scene, TOKENS_PER_SIDE))
         picks = rng.permutation(max(len(queries), config.reason_per_scene))[: config.reason_per_scene]

@@ -8,10 +8,11 @@ Layout written under ``out_root``::
     {train,val,test}/stages.jsonl   per (image, text): description + attributes the MLLM stage should produce
     {train,val,test}/dialogue.jsonl per image: ordinary questions with short exact answers
 
-The ``select`` split is written on its own (:func:`selection_tinyworld_root`): train-stream scenes from
-:data:`SELECT_START` on. Every recipe draws train-stream scenes from index 0 (the ``train`` split is their
-first 400), so a choice that involves a shipped model (which MLLM to ship, a route's settings) is measured on
-``select``: scenes of the train distribution that no recipe trained on.
+The selection splits ``select`` and ``select2`` are written on their own (:func:`selection_tinyworld_root`):
+train-stream scenes from :data:`SELECTION_STARTS` on. Every recipe draws train-stream scenes from low indices
+(the ``train`` split is the first 400), so a choice that involves a shipped model (which MLLM to ship, a route's
+settings) is measured on a selection split: scenes of the train distribution that no recipe trained on. Once a
+choice has been made on one, the next choice takes a fresh one (``select`` chose MLLM C and its verify rule).
 
 Every scene has its own random generator seeded by ``(seed, split, index)``: splits never share scenes,
 scene ``i`` does not depend on how many scenes come before it, and :func:`iter_scenes` reproduces exactly
@@ -56,6 +57,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "DEFAULT_SIZES",
     "SELECT_START",
+    "SELECTION_STARTS",
     "SELECT_SIZE",
     "SPLIT_CODES",
     "scene_rng",
@@ -76,11 +78,13 @@ DEFAULT_SIZES: dict[str, int] = {"train": 400, "val": 100, "test": 100}
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2, "sam": 3}
 """Seed-stream id of each split. ``sam`` is an endless stream for pretraining the tiny SAM, disjoint from all."""
 
-SELECT_START = 2_000_000
-"""First train-stream scene of the ``select`` split: past every recipe's draws (tune and region steps x scenes,
-mined pools from 1,000,000 up to a few thousand, align pools from 10,000,000, far above)."""
+SELECTION_STARTS: dict[str, int] = {"select": 2_000_000, "select2": 3_000_000}
+"""First train-stream scene of each selection split: past every recipe's draws (tune and region steps x scenes,
+region continuations from ``region_start`` up to a few hundred thousand, mined pools from 1,000,000 up to a
+few thousand), below the align pools (from 10,000,000)."""
+SELECT_START = SELECTION_STARTS["select"]
 SELECT_SIZE = 400
-WRITABLE_SPLITS = ("train", "val", "test", "select")
+WRITABLE_SPLITS = ("train", "val", "test", *SELECTION_STARTS)
 
 
 def scene_rng(split: str, seed: int, index: int) -> np.random.Generator:
@@ -105,8 +109,8 @@ def iter_scenes(
     The output equals what :func:`generate_tinyworld` writes for the same seed, image for image.
     """
     if count is None:
-        count = SELECT_SIZE if split == "select" else DEFAULT_SIZES.get(split)
-    stream, offset = ("train", SELECT_START) if split == "select" else (split, 0)
+        count = SELECT_SIZE if split in SELECTION_STARTS else DEFAULT_SIZES.get(split)
+    stream, offset = ("train", SELECTION_STARTS[split]) if split in SELECTION_STARTS else (split, 0)
     index = start
     while count is None or index < start + count:
         rng = scene_rng(stream, seed, offset + index)
@@ -189,10 +193,12 @@ def default_tinyworld_root() -> Path:
     return _cached_tinyworld(cache_dir(f"{GENERATOR_VERSION}-seed0"), DEFAULT_SIZES)
 
 
-def selection_tinyworld_root() -> Path:
-    """The ``select`` split (seed 0, :data:`SELECT_SIZE` scenes), generated once into its own cache folder
-    (``tinyworld-v1-seed0-select``), so the default data set and everything keyed by it stay as they are."""
-    return _cached_tinyworld(cache_dir(f"{GENERATOR_VERSION}-seed0-select"), {"select": SELECT_SIZE})
+def selection_tinyworld_root(split: str = "select") -> Path:
+    """A selection split (seed 0, :data:`SELECT_SIZE` scenes), generated once into its own cache folder
+    (``tinyworld-v1-seed0-<split>``), so the default data set and everything keyed by it stay as they are."""
+    if split not in SELECTION_STARTS:
+        raise InputError(f"unknown selection split {split!r}; expected one of {sorted(SELECTION_STARTS)}")
+    return _cached_tinyworld(cache_dir(f"{GENERATOR_VERSION}-seed0-{split}"), {split: SELECT_SIZE})
 
 
 def _cached_tinyworld(root: Path, sizes: Mapping[str, int]) -> Path:
@@ -214,7 +220,7 @@ def _cached_tinyworld(root: Path, sizes: Mapping[str, int]) -> Path:
 
 def default_tiny_world_source(split: str, *, first_text_only: bool = False) -> DataSource:
     """The embedded tiny world (generated once into the user cache) as a ReasonSeg data source."""
-    root = selection_tinyworld_root() if split == "select" else default_tinyworld_root()
+    root = selection_tinyworld_root(split) if split in SELECTION_STARTS else default_tinyworld_root()
     return DataSource(kind="reasonseg", path=root, split=split, first_text_only=first_text_only)
 
 
