@@ -98,9 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{reasonseg,refcoco,score,speed}")
     reason = commands.add_parser("reasonseg", help="ReasonSeg-format data (default: the embedded tiny world)")
     reason.add_argument("--data", type=Path, help="ReasonSeg root (default: the tiny world, generated once)")
-    reason.add_argument("--split", default="val", choices=["val", "test", "train", "select", "select2", "select3"],
-                        help="select, select2, select3: the tiny world's selection splits (train-stream scenes "
-                             "no recipe trained on)")
+    reason.add_argument("--split", default="val",
+                        choices=["val", "test", "train", "select", "select2", "select3", "select4"],
+                        help="select, select2, select3, select4: the tiny world's selection splits (train-stream "
+                             "scenes no recipe trained on)")
     reason.add_argument("--first-text-only", action="store_true",
                         help="score only the first text of each image (as LISA does; see also --lisa-compat)")
     dialogue = reason.add_mutually_exclusive_group()

@@ -8,12 +8,13 @@ Layout written under ``out_root``::
     {train,val,test}/stages.jsonl   per (image, text): description + attributes the MLLM stage should produce
     {train,val,test}/dialogue.jsonl per image: ordinary questions with short exact answers
 
-The selection splits ``select``, ``select2`` and ``select3`` are written on their own
+The selection splits ``select``, ``select2``, ``select3`` and ``select4`` are written on their own
 (:func:`selection_tinyworld_root`): train-stream scenes from :data:`SELECTION_STARTS` on. Every recipe draws
 train-stream scenes from low indices (the ``train`` split is the first 400), so a choice that involves a shipped
 model (which MLLM to ship, a route's settings) is measured on a selection split: scenes of the train distribution
 that no recipe trained on. Once a choice has been made on one, the next choice takes a fresh one (``select``
-chose MLLM C and its verify rule, ``select2`` MLLM D; the record is in ``docs/tinyworld.md``).
+chose MLLM C and its verify rule, ``select2`` MLLM D, ``select3`` MLLM E, ``select4`` kept the rule for E;
+the record is in ``docs/tinyworld.md``).
 
 Every scene has its own random generator seeded by ``(seed, split, index)``: splits never share scenes,
 scene ``i`` does not depend on how many scenes come before it, and :func:`iter_scenes` reproduces exactly
@@ -79,7 +80,8 @@ DEFAULT_SIZES: dict[str, int] = {"train": 400, "val": 100, "test": 100}
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2, "sam": 3}
 """Seed-stream id of each split. ``sam`` is an endless stream for pretraining the tiny SAM, disjoint from all."""
 
-SELECTION_STARTS: dict[str, int] = {"select": 2_000_000, "select2": 3_000_000, "select3": 4_000_000}
+SELECTION_STARTS: dict[str, int] = {"select": 2_000_000, "select2": 3_000_000, "select3": 4_000_000,
+                                     "select4": 5_000_000}
 """First train-stream scene of each selection split: past every recipe's draws (tune and region steps x scenes,
 region continuations from ``region_start`` up to a few hundred thousand, mined pools from 1,000,000 up to a
 few thousand), below the align pools (from 10,000,000)."""
