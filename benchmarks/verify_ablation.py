@@ -1,6 +1,6 @@
 """Each helper of ``llavaseg-verify`` measured on its own, on tiny-world val (all texts), one run.
 
-    python benchmarks/verify_ablation.py [--split val|train|select] [--limit N] [--threads 1] [--out FILE]
+    python benchmarks/verify_ablation.py [--split val|train|select..select4] [--limit N] [--threads 1] [--out FILE]
 
 Variants (same frozen MLLM, text tower, adapters and SAM; nothing trained here):
 

@@ -91,6 +91,8 @@ def _score_parser(commands) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from llavaseg.tinyworld.generate import SELECTION_STARTS
+
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run `llavaseg-bench <command> --help` for a command's options.")
@@ -99,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     reason = commands.add_parser("reasonseg", help="ReasonSeg-format data (default: the embedded tiny world)")
     reason.add_argument("--data", type=Path, help="ReasonSeg root (default: the tiny world, generated once)")
     reason.add_argument("--split", default="val",
-                        choices=["val", "test", "train", "select", "select2", "select3", "select4"],
-                        help="select, select2, select3, select4: the tiny world's selection splits (train-stream "
+                        choices=["val", "test", "train", *SELECTION_STARTS],
+                        help=f"{', '.join(SELECTION_STARTS)}: the tiny world's selection splits (train-stream "
                              "scenes no recipe trained on)")
     reason.add_argument("--first-text-only", action="store_true",
                         help="score only the first text of each image (as LISA does; see also --lisa-compat)")
